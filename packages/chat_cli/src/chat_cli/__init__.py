@@ -1,0 +1,1 @@
+"""chat-cli: generate, chat and an OpenAI-compatible server."""

@@ -1,0 +1,1 @@
+"""chat-core: models, checkpoints, tokenizers, sampling and the abstract engine."""

@@ -1,0 +1,108 @@
+"""A GGUF file opened once: its metadata as Python values and its tensors as lazy, sliceable reads."""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+
+from chat_core.checkpoint.errors import CheckpointError
+
+# Block-quantized types keep each row of a weight as whole blocks, so a slice of rows reads only those rows.
+SUPPORTED_GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+
+
+class GGUFFile:
+    """Reads a GGUF file with the `gguf` package, memory-mapped: nothing is dequantized until asked."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        import gguf
+
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise CheckpointError(f"GGUF file not found: {self.path}")
+        try:
+            self._reader = gguf.GGUFReader(self.path, "r")
+        except Exception as exc:  # the gguf package raises several types on a bad header
+            raise CheckpointError(f"{self.path} is not a readable GGUF file: {exc}") from exc
+
+    @cached_property
+    def metadata(self) -> dict[str, Any]:
+        """Every key-value field of the file, as Python values (strings, numbers, lists)."""
+        values: dict[str, Any] = {}
+        for key, field in self._reader.fields.items():
+            if key.startswith("GGUF."):
+                continue
+            try:
+                values[key] = field.contents()
+            except Exception as exc:
+                raise CheckpointError(f"{self.path}: cannot read metadata field {key!r}: {exc}") from exc
+        return values
+
+    @cached_property
+    def tensors(self) -> dict[str, GGUFTensor]:
+        return {t.name: GGUFTensor(self.path, t) for t in self._reader.tensors}
+
+
+class GGUFTensor:
+    """One tensor of a GGUF file, in PyTorch's layout (rows = output features), read lazily.
+
+    `row_order` optionally maps each row of the returned tensor to a row of the file, which is how
+    llama.cpp's rotary permutation of q/k weights is undone without reading the whole weight.
+    """
+
+    def __init__(self, path: str, reader_tensor: Any, row_order: np.ndarray | None = None) -> None:
+        import gguf
+
+        self._path = path
+        self._tensor = reader_tensor
+        self._row_order = row_order
+        self.name: str = reader_tensor.name
+        self.type_name: str = reader_tensor.tensor_type.name
+        if self.type_name not in SUPPORTED_GGUF_TYPES:
+            raise CheckpointError(
+                f"{path}: tensor {self.name!r} has GGUF type {self.type_name}; "
+                f"supported types are {', '.join(SUPPORTED_GGUF_TYPES)}"
+            )
+        # GGUF lists dimensions innermost first; PyTorch outermost first.
+        self.shape: tuple[int, ...] = tuple(int(d) for d in reversed(reader_tensor.shape.tolist()))
+        self._block_size = gguf.GGML_QUANT_SIZES[reader_tensor.tensor_type][0]
+
+    def with_row_order(self, row_order: np.ndarray) -> GGUFTensor:
+        return GGUFTensor(self._path, self._tensor, row_order)
+
+    def read(self, dim: int | None = None, start: int = 0, length: int | None = None) -> torch.Tensor:
+        """The tensor, or `length` entries from `start` along `dim`, dequantized to float32 (or its own float type)."""
+        if dim is None:
+            return self._rows(slice(None))
+        length = self.shape[dim] - start if length is None else length
+        if dim == 0:
+            return self._rows(slice(start, start + length))
+        if dim == 1 and len(self.shape) == 2:
+            if start % self._block_size == 0 and length % self._block_size == 0:
+                return self._rows(slice(None), column_blocks=(start, length))
+            return self._rows(slice(None)).narrow(1, start, length)
+        return self._rows(slice(None)).narrow(dim, start, length)
+
+    def _rows(self, rows: slice, column_blocks: tuple[int, int] | None = None) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        data = self._tensor.data  # numpy memmap, one row per output feature
+        if self._row_order is not None:
+            raw = data[self._row_order[rows]]
+        else:
+            raw = data[rows]
+        if column_blocks is not None:
+            start, length = column_blocks
+            bytes_per_block = raw.shape[-1] * self._block_size // self.shape[-1]
+            first = start // self._block_size * bytes_per_block
+            raw = raw[..., first : first + length // self._block_size * bytes_per_block]
+        values = dequantize(np.ascontiguousarray(raw), self._tensor.tensor_type)
+        if not values.flags.writeable or not values.flags.c_contiguous:
+            values = np.array(values, order="C")  # float types come back as views of the read-only map
+        out_shape = (values.shape[0], -1) if len(self.shape) == 2 else (-1, *self.shape[1:])
+        return torch.from_numpy(values).reshape(out_shape)
+

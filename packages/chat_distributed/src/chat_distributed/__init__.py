@@ -1,0 +1,1 @@
+"""chat-distributed: tensor and pipeline parallel execution for chat-core."""
