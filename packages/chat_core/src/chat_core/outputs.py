@@ -1,0 +1,85 @@
+"""What comes out of a model step (SamplerOutput, IntermediateOutput) and out of the engine (RequestOutput)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from chat_core.tensor_dict import TensorDictMixin
+
+
+@dataclass(frozen=True)
+class IntermediateOutput(TensorDictMixin):
+    """What a pipeline stage other than the last hands to the next: hidden states and the residual stream."""
+
+    hidden_states: torch.Tensor  # [tokens, hidden_size]
+    residual: torch.Tensor  # [tokens, hidden_size]
+
+
+@dataclass(frozen=True)
+class SamplerOutput(TensorDictMixin):
+    """The tokens sampled in one step, one row per sequence that sampled (same order as scheduled)."""
+
+    seq_ids: list[int]
+    sampled_token_ids: torch.Tensor  # [num_sampled] int64
+    sampled_logprobs: torch.Tensor | None = None  # [num_sampled] float32: log-prob of the chosen token
+    top_token_ids: torch.Tensor | None = None  # [num_sampled, k] int64
+    top_logprobs: torch.Tensor | None = None  # [num_sampled, k] float32
+
+
+@dataclass(frozen=True)
+class Logprob:
+    """A token's log-probability under the model's distribution (before temperature and filtering)."""
+
+    token_id: int
+    logprob: float
+    token: str = ""
+
+
+@dataclass
+class CompletionOutput:
+    """One generated sequence of a request."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop", "length", "abort", or None while running
+    stop_reason: str | int | None = None  # the stop string or token id that ended it, if any
+    logprobs: list[Logprob] | None = None  # the chosen token at each step
+    top_logprobs: list[list[Logprob]] | None = None  # the top-n alternatives at each step
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    """The state of a request after a step: its prompt and every completion so far."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    finished: bool = False
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return sum(len(o.token_ids) for o in self.outputs)

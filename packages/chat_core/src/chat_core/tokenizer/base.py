@@ -1,0 +1,109 @@
+"""The tokenizer interface the engine calls: text to ids, ids to text, and chat prompts to text."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file, field or template is missing or malformed; the message names it and what was expected."""
+
+
+@dataclass(frozen=True)
+class TokenizerSettings:
+    """What a checkpoint says about its special tokens and chat template, before the vocabulary resolves it.
+
+    Config files name special tokens by text, GGUF metadata and config.json by id; either may be
+    None, and the implementation fills in the other side from its vocabulary.
+    """
+
+    source: str  # the directory, file or "GGUF metadata" these came from, for error messages
+    bos_token: str | None = None
+    bos_token_id: int | None = None
+    eos_token: str | None = None
+    eos_token_id: int | None = None
+    unk_token: str | None = None
+    unk_token_id: int | None = None
+    pad_token: str | None = None
+    pad_token_id: int | None = None
+    extra_stop_token_ids: tuple[int, ...] = ()  # e.g. Llama 3's <|eot_id|> from generation_config.json
+    add_bos_token: bool | None = None  # None: what the vocabulary's own post-processor does
+    add_eos_token: bool | None = None
+    chat_template: str | None = None
+    chat_template_source: str = "<chat template>"
+
+
+class Tokenizer(ABC):
+    """One model's vocabulary, with its special tokens and chat template.
+
+    Implementations set every attribute below in their constructor and must survive pickling,
+    because the engine may hand a tokenizer to another process.
+    """
+
+    vocab_size: int  # including added tokens
+    bos_token_id: int | None
+    eos_token_id: int | None
+    bos_token: str | None
+    eos_token: str | None
+    stop_token_ids: tuple[int, ...]  # eos plus any extra end-of-generation ids, deduplicated
+    add_bos_token: bool  # whether encode(add_special_tokens=True) prepends BOS
+    chat_template: str | None
+    # Where the chat template came from, so a template error can name it.
+    chat_template_source: str = "<chat template>"
+
+    @abstractmethod
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        """The ids of `text`; special-token strings inside it (like "<|im_start|>") become their ids."""
+
+    @abstractmethod
+    def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+        """The text of `token_ids`; bytes that do not form whole UTF-8 characters become U+FFFD."""
+
+    @abstractmethod
+    def convert_ids_to_tokens(self, token_ids: Sequence[int]) -> list[str]:
+        """Each id's vocabulary entry, spelled as the vocabulary spells it (e.g. "Ġthe", "▁the", "<0x0A>")."""
+
+    @property
+    @abstractmethod
+    def all_special_ids(self) -> frozenset[int]:
+        """Ids that skip_special_tokens removes: control tokens plus bos/eos/unk/pad."""
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        **template_kwargs: Any,
+    ) -> str:
+        """The prompt text for `messages`, rendered with this model's chat template."""
+        from chat_core.tokenizer.chat_template import render_chat_template
+
+        if self.chat_template is None:
+            raise TokenizerError(
+                f"{type(self).__name__} has no chat template (looked in {self.chat_template_source}); "
+                "pass a prompt string instead, or a checkpoint whose tokenizer files define one"
+            )
+        template_kwargs.setdefault("bos_token", self.bos_token or "")
+        template_kwargs.setdefault("eos_token", self.eos_token or "")
+        return render_chat_template(
+            self.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            template_source=self.chat_template_source,
+            **template_kwargs,
+        )
+
+
+def dedupe_ids(*groups: int | Sequence[int] | None) -> tuple[int, ...]:
+    """The ids of all groups in first-seen order, once each; None entries are dropped."""
+    seen: dict[int, None] = {}
+    for group in groups:
+        if group is None:
+            continue
+        for token_id in [group] if isinstance(group, int) else group:
+            if token_id is not None:
+                seen.setdefault(int(token_id), None)
+    return tuple(seen)
