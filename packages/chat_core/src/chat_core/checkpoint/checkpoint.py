@@ -168,6 +168,8 @@ class GGUFCheckpoint(Checkpoint):
         yield from self._hf_tensors.items()
 
     def load_tokenizer(self):
+        if "tokenizer.ggml.model" not in self.file.metadata:
+            return None  # a GGUF without a vocabulary still generates from token ids
         from chat_core.tokenizer import tokenizer_from_gguf
 
         return tokenizer_from_gguf(self.file.metadata)

@@ -1,0 +1,53 @@
+"""GGUF files of every supported type, written the way llama.cpp writes them, against transformers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from gguf_writer import write_gguf
+
+from chat_core import Engine, SamplingParams, open_checkpoint
+
+QTYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_checkpoints):
+    return tiny_checkpoints("llama_tied")[1]
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_gguf_types_load_and_match_transformers_on_the_same_weights(tmp_path, tiny_llama, qtype):
+    path = str(tmp_path / f"tiny-{qtype}.gguf")
+    stored = write_gguf(path, tiny_llama, qtype)
+    reference = copy.deepcopy(tiny_llama)
+    reference.load_state_dict(stored)
+
+    checkpoint = open_checkpoint(path)
+    assert checkpoint.config.tie_word_embeddings
+    assert checkpoint.config.num_kv_heads == tiny_llama.config.num_key_value_heads
+    prompt = list(range(7, 47))
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=5)
+    with Engine.from_pretrained(path) as engine:
+        assert engine.tokenizer is None  # the file carries no vocabulary: token ids only
+        output = engine.generate({"prompt_token_ids": prompt}, params)[0]
+    with torch.no_grad():
+        expected = reference.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+        logits = reference(torch.tensor([prompt + output.token_ids])).logits[0, len(prompt) - 1 : -1]
+    assert output.token_ids == expected[0, len(prompt) :].tolist()
+    ours = torch.tensor([lp.logprob for lp in output.outputs[0].logprobs])
+    theirs = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(output.token_ids)[:, None])[:, 0]
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_gguf_slices_read_only_what_is_asked(tmp_path, tiny_llama):
+    path = str(tmp_path / "tiny-q8.gguf")
+    write_gguf(path, tiny_llama, "Q8_0")
+    tensors = dict(open_checkpoint(path).tensors())
+    q = tensors["model.layers.0.self_attn.q_proj.weight"]
+    full = q.read()
+    torch.testing.assert_close(q.read(0, 16, 32), full[16:48], atol=0, rtol=0)
+    torch.testing.assert_close(q.read(1, 32, 32), full[:, 32:64], atol=0, rtol=0)
+    torch.testing.assert_close(q.read(1, 8, 8), full[:, 8:16], atol=0, rtol=0)  # not block-aligned
