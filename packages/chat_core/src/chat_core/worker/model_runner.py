@@ -33,7 +33,7 @@ class LlamaModelInput(ModelInput):
     max_seq_len: int
     logits_indices: torch.Tensor  # [sampled] int64: the token whose logits each sampled sequence needs
     sampled_seq_ids: list[int]
-    sampling: SamplingTensors | None = None  # only where the runner samples (the last pipeline stage)
+    sampling: SamplingTensors | None = None  # None when no sequence samples this step
 
 
 class LlamaModelRunner(ModelRunnerBase[LlamaModelInput]):
@@ -114,9 +114,8 @@ class LlamaModelRunner(ModelRunnerBase[LlamaModelInput]):
         def ints(values: Any) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int64, device=self.device)
 
-        sampling = None
-        if self.stage.is_last and sampled:
-            sampling = SamplingTensors.from_scheduled(sampled, self.model_config.vocab_size, self.device)
+        # Built on every stage (it is small): whoever prepares the input may not be the stage that samples.
+        sampling = SamplingTensors.from_scheduled(sampled, self.model_config.vocab_size, self.device) if sampled else None
         return LlamaModelInput(
             input_ids=ints(input_ids),
             positions=ints(positions),
