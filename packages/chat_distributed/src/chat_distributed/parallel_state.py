@@ -95,8 +95,10 @@ class GroupCoordinator:
             raise ValueError("all_gather needs a tensor with at least one dimension, got a 0-d tensor")
         dim = dim % tensor.dim()
         # Gathering along dim 0 into one buffer is a single collective; other dims are a movedim away.
-        gathered = torch.empty((self.size, *tensor.shape), dtype=tensor.dtype, device=tensor.device)
+        # gloo wants the output as [size * d0, ...]; viewed as [size, d0, ...] it is the same buffer.
+        gathered = torch.empty((self.size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
         _all_gather_single(gathered, tensor.contiguous(), group=self.device_group)
+        gathered = gathered.view(self.size, *tensor.shape)
         shape = (*tensor.shape[:dim], self.size * tensor.shape[dim], *tensor.shape[dim + 1 :])
         return gathered.movedim(0, dim).reshape(shape)
 
@@ -229,29 +231,32 @@ def _require_state() -> _State:
 def new_group_coordinator(group_ranks: Sequence[Sequence[int]], device: torch.device) -> GroupCoordinator:
     """Create one process group per entry of `group_ranks` and return the one this rank belongs to.
 
-    Collective: every rank of the world must call it with the same `group_ranks`, because
-    `torch.distributed.new_group` must be entered by all ranks, in the same order. This rank must be in
-    exactly one of the groups.
+    `group_ranks` must partition the world (each rank in exactly one group), e.g. `[[0, 2], [1]]`.
+    Collective: every rank must call it with the same `group_ranks`, because
+    `torch.distributed.new_group` must be entered by all ranks in the same order.
     """
     state = _require_state()
-    me = state.world.global_rank
-    mine = [ranks for ranks in group_ranks if me in ranks]
-    if len(mine) != 1:
-        raise ValueError(f"rank {me} must be in exactly one of group_ranks={[list(r) for r in group_ranks]}")
+    groups = [tuple(int(rank) for rank in ranks) for ranks in group_ranks]
+    # The check depends only on the arguments, so every rank fails alike instead of some entering new_group.
+    if sorted(rank for ranks in groups for rank in ranks) != list(range(state.world.size)):
+        raise ValueError(
+            f"group_ranks={[list(ranks) for ranks in groups]} must hold each rank of the world of "
+            f"{state.world.size} exactly once"
+        )
     device_backend = _device_backend(device)
+    me = state.world.global_rank
     coordinator: GroupCoordinator | None = None
-    for ranks in group_ranks:
-        ranks = [int(r) for r in ranks]
-        if len(set(ranks)) != len(ranks) or not all(0 <= r < state.world.size for r in ranks):
-            raise ValueError(f"group ranks {ranks} must be distinct ranks of the world of {state.world.size}")
-        cpu_group = dist.new_group(ranks, backend="gloo", timeout=state.timeout)
+    for ranks in groups:
+        cpu_group = dist.new_group(list(ranks), backend="gloo", timeout=state.timeout)
         # A second gloo group for CPU tensors would only add sockets: share the one.
         device_group = (
-            cpu_group if device_backend == "gloo" else dist.new_group(ranks, backend=device_backend, timeout=state.timeout)
+            cpu_group
+            if device_backend == "gloo"
+            else dist.new_group(list(ranks), backend=device_backend, timeout=state.timeout)
         )
         if me in ranks:
-            coordinator = GroupCoordinator(tuple(ranks), me, cpu_group, device_group, device)
-    assert coordinator is not None  # checked above: this rank is in exactly one group
+            coordinator = GroupCoordinator(ranks, me, cpu_group, device_group, device)
+    assert coordinator is not None  # the partition check put this rank in one group
     return coordinator
 
 

@@ -1,0 +1,113 @@
+"""Rank 0's executor: the driver worker runs in the engine's process, the other ranks elsewhere
+(processes it spawned, or peers started by torchrun). Any failure names the rank it came from."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+
+from chat_core.checkpoint.checkpoint import Checkpoint
+from chat_core.engine.execute_model_request import ExecuteModelRequest
+from chat_core.engine.executor import Executor
+from chat_core.engine_config import EngineConfig
+from chat_core.outputs import SamplerOutput
+
+from chat_distributed.parallel_state import destroy_distributed
+from chat_distributed.processes import WorkerFailedError, WorkerProcesses
+from chat_distributed.worker import DistributedWorker
+
+
+class DistributedExecutor(Executor):
+    def __init__(
+        self,
+        config: EngineConfig,
+        checkpoint: Checkpoint,
+        *,
+        init_method: str | None,
+        processes: WorkerProcesses | None = None,
+    ) -> None:
+        self.config = config
+        self.processes = processes
+        self._failure: WorkerFailedError | None = None
+        self._closed = False
+        self._lock = threading.Lock()  # one step at a time, whatever thread calls
+        self._threads = torch.get_num_threads()  # restored at shutdown: this may be the user's process
+        self.driver = DistributedWorker(config, rank=0, init_method=init_method, checkpoint=checkpoint)
+        try:
+            self._guarded(self._start)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self) -> None:
+        self.driver.init_device()
+        self.driver.load_model()
+        self.num_kv_blocks = self.driver.determine_num_available_blocks()
+        self.driver.initialize_cache(self.num_kv_blocks)
+
+    def execute_model(self, request: ExecuteModelRequest) -> SamplerOutput:
+        with self._lock:
+            output = self._guarded(lambda: self.driver.execute_model(request))
+            if self.processes is not None:
+                self.processes.count_driver_step()
+        assert output is not None, "rank 0 always gets the sampled tokens back"
+        return output
+
+    def _guarded(self, step):
+        if self._failure is not None:
+            raise self._failure
+        if self._closed:
+            raise RuntimeError("the distributed executor has been shut down")
+        try:
+            return step()
+        except Exception as exc:
+            cause = self.processes.describe_failure() if self.processes is not None else None
+            message = cause or f"a collective with the other ranks failed: {exc}"
+            self._failure = WorkerFailedError(f"distributed inference failed: {message}")
+            raise self._failure from exc
+
+    def check_health(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+        if self.processes is not None:
+            cause = self.processes.describe_failure() if self.processes.dead_ranks() else None
+            if cause:
+                self._failure = WorkerFailedError(f"distributed inference failed: {cause}")
+                raise self._failure
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._failure is None and getattr(self.driver, "groups", None) is not None:
+            try:
+                self.driver.stop_worker_execution_loop()
+            except Exception:
+                pass  # the others are gone already; stop() below makes sure
+        if self.processes is not None:
+            self.processes.stop()
+        destroy_distributed()
+        torch.set_num_threads(self._threads)
+
+
+def create_distributed_executor(config: EngineConfig, checkpoint: Checkpoint) -> DistributedExecutor:
+    """Under torchrun, join the world it made (this must be rank 0); otherwise spawn the other ranks."""
+    torchrun_world = int(os.environ.get("WORLD_SIZE", "1"))
+    if torchrun_world > 1:
+        rank = int(os.environ.get("RANK", "0"))
+        if torchrun_world != config.world_size:
+            raise ValueError(
+                f"torchrun started {torchrun_world} processes, but tensor_parallel_size={config.tensor_parallel_size} x "
+                f"pipeline_parallel_size={config.pipeline_parallel_size} needs {config.world_size}"
+            )
+        if rank != 0:
+            raise RuntimeError(f"only rank 0 builds the engine; rank {rank} should run chat_distributed.run_worker")
+        return DistributedExecutor(config, checkpoint, init_method="env://")
+    processes = WorkerProcesses(config)
+    try:
+        return DistributedExecutor(config, checkpoint, init_method=processes.init_method, processes=processes)
+    except BaseException:
+        processes.stop(timeout=2.0)
+        raise
