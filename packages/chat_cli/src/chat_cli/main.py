@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -23,15 +24,31 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="a system prompt")
     add_engine_options(chat)
     add_sampling_options(chat, max_tokens=512)
+
+    from chat_cli.serve import add_serve_options
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server")
+    add_engine_options(serve)
+    add_serve_options(serve)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    kwargs = engine_kwargs(args)
+    apply_torchrun_world(kwargs)
+    if torchrun_rank() > 0:
+        # Under torchrun every rank runs this same command; only rank 0 reads input and prints.
+        from chat_core import EngineConfig
+        from chat_distributed import run_torchrun_worker
+
+        run_torchrun_worker(EngineConfig(model=args.model, **kwargs))
+        return 0
+
     from chat_core import Engine
 
     try:
-        engine = Engine.from_pretrained(args.model, **engine_kwargs(args))
+        engine = Engine.from_pretrained(args.model, **kwargs)
     except (ValueError, ImportError, OSError) as exc:
         print(f"chat-cli: error: {exc}", file=sys.stderr)
         return 2
@@ -40,9 +57,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             from chat_cli.generate import run_generate
 
             return run_generate(engine, args)
+        if args.command == "serve":
+            from chat_cli.serve import run_serve
+
+            return run_serve(engine, args)
         from chat_cli.chat import run_chat
 
         return run_chat(engine, args)
+
+
+def torchrun_rank() -> int:
+    """This process's rank when started by torchrun (0 otherwise)."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
+def apply_torchrun_world(kwargs: dict) -> None:
+    """Under torchrun without --tp/--pp, every process is a tensor-parallel rank."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and kwargs["tensor_parallel_size"] * kwargs["pipeline_parallel_size"] == 1:
+        kwargs["tensor_parallel_size"] = world
 
 
 if __name__ == "__main__":
