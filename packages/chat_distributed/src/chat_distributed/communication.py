@@ -15,6 +15,8 @@ their group's device.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +24,10 @@ import torch
 import torch.distributed as dist
 
 from chat_distributed.parallel_state import GroupCoordinator, get_world_group
+
+
+class CommunicationError(RuntimeError):
+    """A transfer failed: a peer died, hung past the groups' timeout, or could not send its dict."""
 
 
 @dataclass(frozen=True)
@@ -95,21 +101,20 @@ def broadcast_tensor_dict(
             _split(tensor_dict, tensors=[])
         return tensor_dict  # type: ignore[return-value]
     _check_member(src, group, "src")
-    if group.global_rank == src:
-        tensors = _send_metadata(tensor_dict, group, dst=None, src=src)
+    is_sender = group.global_rank == src
+    with _naming_failures(f"broadcast_tensor_dict from rank {src} over ranks {list(group.ranks)}"):
+        if is_sender:
+            tensors = _send_metadata(tensor_dict, group, dst=None, src=src)
+        else:
+            metadata = _receive_metadata(group, src, broadcast=True)
+            tensors = _allocate(metadata.tensors, group, src)
         works = [
             dist.broadcast(buffer, src=src, group=group_for, async_op=True)
             for buffer, group_for in _tensor_buffers(tensors, group)
         ]
         _wait_all(works)
+    if is_sender:
         return tensor_dict  # type: ignore[return-value]
-    metadata = _receive_metadata(group, src, broadcast=True)
-    tensors = _allocate(metadata.tensors, group, src)
-    works = [
-        dist.broadcast(buffer, src=src, group=group_for, async_op=True)
-        for buffer, group_for in _tensor_buffers(tensors, group)
-    ]
-    _wait_all(works)
     return _rebuild(metadata.structure, iter(tensors))
 
 
@@ -119,9 +124,10 @@ def send_tensor_dict(tensor_dict: dict[str, Any], dst: int, group: GroupCoordina
     _check_member(dst, group, "dst")
     if dst == group.global_rank:
         raise ValueError(f"dst={dst} is this rank; send_tensor_dict needs another rank of {list(group.ranks)}")
-    tensors = _send_metadata(tensor_dict, group, dst=dst, src=group.global_rank)
-    works = [dist.isend(buffer, dst=dst, group=group_for) for buffer, group_for in _tensor_buffers(tensors, group)]
-    _wait_all(works)
+    with _naming_failures(f"send_tensor_dict from rank {group.global_rank} to rank {dst}"):
+        tensors = _send_metadata(tensor_dict, group, dst=dst, src=group.global_rank)
+        works = [dist.isend(buffer, dst=dst, group=group_for) for buffer, group_for in _tensor_buffers(tensors, group)]
+        _wait_all(works)
 
 
 def recv_tensor_dict(src: int, group: GroupCoordinator | None = None) -> dict[str, Any]:
@@ -130,17 +136,29 @@ def recv_tensor_dict(src: int, group: GroupCoordinator | None = None) -> dict[st
     _check_member(src, group, "src")
     if src == group.global_rank:
         raise ValueError(f"src={src} is this rank; recv_tensor_dict needs another rank of {list(group.ranks)}")
-    metadata = _receive_metadata(group, src, broadcast=False)
-    tensors = _allocate(metadata.tensors, group, src)
-    works = [dist.irecv(buffer, src=src, group=group_for) for buffer, group_for in _tensor_buffers(tensors, group)]
-    _wait_all(works)
+    with _naming_failures(f"recv_tensor_dict from rank {src} on rank {group.global_rank}"):
+        metadata = _receive_metadata(group, src, broadcast=False)
+        tensors = _allocate(metadata.tensors, group, src)
+        works = [dist.irecv(buffer, src=src, group=group_for) for buffer, group_for in _tensor_buffers(tensors, group)]
+        _wait_all(works)
     return _rebuild(metadata.structure, iter(tensors))
 
 
 @dataclass(frozen=True)
 class _Metadata:
-    structure: dict[str, Any]  # the dict with each tensor replaced by a TensorMeta
-    tensors: list[TensorMeta]
+    structure: dict[str, Any]  # the dict with each tensor replaced by a slot
+    tensors: list[TensorMeta]  # one per slot, in walk order
+
+
+@contextmanager
+def _naming_failures(what: str) -> Iterator[None]:
+    """Turn torch.distributed's errors (which name sockets, not ranks) into one that names the transfer."""
+    try:
+        yield
+    except CommunicationError:
+        raise
+    except RuntimeError as error:
+        raise CommunicationError(f"{what} failed: {error}") from error
 
 
 def _resolve_group(group: GroupCoordinator | None) -> GroupCoordinator | None:
@@ -199,7 +217,7 @@ def _receive_metadata(group: GroupCoordinator, src: int, *, broadcast: bool) -> 
     _counters.metadata_bytes += len(payload)
     message = pickle.loads(payload)
     if isinstance(message, _SenderFailed):
-        raise RuntimeError(f"rank {src} could not send its tensor dict: {message.message}")
+        raise CommunicationError(f"rank {src} could not send its tensor dict: {message.message}")
     return message
 
 
@@ -221,7 +239,9 @@ def _allocate(metas: list[TensorMeta], group: GroupCoordinator, src: int) -> lis
         elif meta.device_type == group.device.type:
             device = group.device
         else:
-            raise RuntimeError(f"rank {src} sent a {meta.device_type} tensor, but this rank's group is on {group.device}")
+            raise CommunicationError(
+                f"rank {src} sent a {meta.device_type} tensor, but this rank's group is on {group.device}"
+            )
         tensors.append(torch.empty(meta.shape, dtype=meta.dtype, device=device))
     return tensors
 
@@ -232,7 +252,11 @@ def _tensor_buffers(tensors: list[torch.Tensor], group: GroupCoordinator) -> lis
     for tensor in tensors:
         if tensor.numel() == 0:
             continue
-        data = tensor.detach().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
+        flat = tensor.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
+        if flat.stride(0) != 1:
+            # A one-element slice counts as contiguous whatever its stride, and view() would refuse it.
+            flat = flat.as_strided((1,), (1,))
+        data = flat.view(torch.uint8)
         buffers.append((data, group.cpu_group if tensor.device.type == "cpu" else group.device_group))
         _counters.tensor_messages += 1
         _counters.tensor_bytes += data.numel()
@@ -269,7 +293,10 @@ def _split(tensor_dict: Any, tensors: list[torch.Tensor]) -> dict[str, Any]:
     for key in tensor_dict:
         if type(key) is not str:
             raise TypeError(f"tensor_dict keys must be str, got {key!r} ({type(key).__qualname__})")
-    return _strip_tensors(tensor_dict, tensors)
+    try:
+        return _strip_tensors(tensor_dict, tensors)
+    except _UnsupportedValue as error:
+        raise TypeError(str(error)) from None  # the path is all the caller needs, not our recursion
 
 
 def _strip_tensors(value: Any, tensors: list[torch.Tensor]) -> Any:

@@ -168,6 +168,7 @@ def init_distributed(
         # Someone (a launcher, a test) initialised the default group; join it as it is.
         _check_same_world(rank, world_size)
         backend = dist.get_backend()
+        device = _default_device(backend, rank)
     else:
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if init_method is None:
@@ -177,6 +178,7 @@ def init_distributed(
                     "'file:///path', or start the processes with torchrun"
                 )
             init_method = "env://"
+        device = _default_device(backend, rank)  # before init, so NCCL binds this rank's GPU
         dist.init_process_group(
             backend=backend,
             init_method=init_method,
@@ -185,7 +187,6 @@ def init_distributed(
             timeout=timedelta(seconds=timeout),
         )
     pg_timeout = timedelta(seconds=timeout)
-    device = _default_device(backend)
     world_group = dist.group.WORLD
     assert world_group is not None  # set by init_process_group
     cpu_group = world_group if backend == "gloo" else dist.new_group(backend="gloo", timeout=pg_timeout)
@@ -201,13 +202,13 @@ def _check_same_world(rank: int, world_size: int) -> None:
         )
 
 
-def _default_device(backend: str) -> torch.device:
+def _default_device(backend: str, rank: int) -> torch.device:
     if "nccl" not in backend:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise RuntimeError(f"backend {backend!r} needs CUDA, but torch.cuda.is_available() is False; use backend='gloo'")
     # torchrun sets LOCAL_RANK; spawned processes on one node use their rank modulo the visible GPUs.
-    index = int(os.environ.get("LOCAL_RANK", dist.get_rank() % torch.cuda.device_count()))
+    index = int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count()))
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
 

@@ -95,7 +95,9 @@ class RankPool:
             self._processes.append(process)
             self._tasks.append(tasks)
             self._results.append(results)
-        self._finalizer = weakref.finalize(self, _stop_processes, list(self._processes), list(self._tasks), self._store_dir)
+        self._finalizer = weakref.finalize(
+            self, _stop_processes, list(self._processes), list(self._tasks), self._store_dir
+        )
         try:
             for rank in range(self.world_size):
                 self._pending[rank].append((0, "start"))
@@ -146,7 +148,9 @@ class RankPool:
                 raise RankError(rank, f"{name} raised:\n{payload}")
             return pickle.loads(payload)
 
-    def run(self, fn: Callable[..., Any], *args: Any, ranks: Sequence[int] | None = None, timeout: float | None = None) -> list[Any]:
+    def run(
+        self, fn: Callable[..., Any], *args: Any, ranks: Sequence[int] | None = None, timeout: float | None = None
+    ) -> list[Any]:
         """`fn(*args)` on each of `ranks` (default: all), concurrently; results in the order of `ranks`."""
         ranks = list(range(self.world_size)) if ranks is None else list(ranks)
         results = self.run_each({rank: (fn, *args) for rank in ranks}, timeout=timeout)
@@ -163,7 +167,8 @@ class RankPool:
         failures: list[RankError] = []
         for rank in calls:
             try:
-                results[rank] = self.result(rank, timeout=min(timeout or self.call_timeout, 5.0) if failures else timeout)
+                grace = min(timeout or self.call_timeout, 5.0) if failures else timeout
+                results[rank] = self.result(rank, timeout=grace)
             except RankError as error:
                 failures.append(error)
         if failures:
