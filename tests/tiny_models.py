@@ -60,3 +60,39 @@ def make_tiny_checkpoint(directory: str, family: str, *, vocab_size: int = 320, 
     os.makedirs(directory, exist_ok=True)
     model.save_pretrained(directory)
     return model
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<s>{{ message['role'] }}: {{ message['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+)
+_CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "hello world, how are you today? I am fine, thank you.",
+    "user assistant system: what is the capital of France? Paris is the capital.",
+    "numbers 0123456789 and symbols !?.,;:'\"()[]{}",
+] * 20
+
+
+def add_tiny_tokenizer(directory: str, vocab_size: int = 320) -> None:
+    """A byte-level BPE trained on a few sentences, saved as tokenizer.json with a chat template.
+
+    Ids 0..2 are <unk>, <s>, </s> (bos 1, eos 2, as the tiny models' configs say)."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_CORPUS, trainer)
+    assert tokenizer.get_vocab_size() <= vocab_size
+    tokenizer.save(os.path.join(directory, "tokenizer.json"))
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": False, "chat_template": CHAT_TEMPLATE}, f)

@@ -92,7 +92,9 @@ class HFTokenizer(Tokenizer):
         for token_id in token_ids:
             token = self._backend.id_to_token(token_id)
             if token is None:
-                raise TokenizerError(f"token id {token_id} is outside the vocabulary of {self.vocab_size} ({self.source})")
+                raise TokenizerError(
+                    f"token id {token_id} is outside the vocabulary of {self.vocab_size} ({self.source})"
+                )
             tokens.append(token)
         return tokens
 
