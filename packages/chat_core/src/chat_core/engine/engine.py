@@ -166,8 +166,7 @@ class Engine:
                         completion.text[sent_text:], completion.token_ids[sent_tokens:], completion.finish_reason
                     )
                     sent_text, sent_tokens = len(completion.text), len(completion.token_ids)
-                    if delta.text or delta.finish_reason:
-                        yield delta
+                    yield delta  # text may lag its tokens (an unfinished character, a possible stop string)
                     if output.finished:
                         return
         finally:

@@ -1,0 +1,108 @@
+"""Tensor, pipeline and combined parallel generation with real processes (gloo): identical to one process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from chat_core import Engine, SamplingParams
+
+PROMPTS = [{"prompt_token_ids": p} for p in ([5, 17, 33, 9, 100, 200, 64], [3, 4], list(range(40, 90)))]
+# Greedy, with the top-5 log-probs of every step: those carry the logits (up to a constant).
+PARAMS = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=5)
+SEEDED = SamplingParams(temperature=1.0, top_k=20, seed=7, max_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def mistral_dir(tiny_checkpoints):
+    return tiny_checkpoints("mistral")[0]  # 8 heads, 2 kv heads, 4 layers
+
+
+@pytest.fixture(scope="module")
+def reference(mistral_dir):
+    with Engine.from_pretrained(mistral_dir, block_size=4) as engine:
+        return engine.generate(PROMPTS, PARAMS), engine.generate(PROMPTS, SEEDED)
+
+
+def assert_same_generation(outputs, expected):
+    for ours, theirs in zip(outputs, expected):
+        assert ours.token_ids == theirs.token_ids
+        for a, b in zip(ours.outputs[0].top_logprobs or [], theirs.outputs[0].top_logprobs or []):
+            assert [x.token_id for x in a] == [x.token_id for x in b]
+            assert [x.logprob for x in a] == pytest.approx([x.logprob for x in b], abs=1e-5)
+
+
+def children() -> list[psutil.Process]:
+    """Our live child processes, except multiprocessing's resource tracker: one per interpreter, started by
+    the first spawn, it is Python's own and ends with this process."""
+    return [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if p.is_running() and p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline())
+    ]
+
+
+@pytest.mark.parametrize(
+    "tp,pp,control_plane",
+    [(2, 1, "broadcast"), (2, 1, "spmd"), (1, 2, "broadcast"), (1, 2, "spmd"), (2, 2, "broadcast"), (2, 2, "spmd")],
+)
+def test_parallel_generation_equals_one_process(mistral_dir, reference, tp, pp, control_plane):
+    greedy, seeded = reference
+    with Engine.from_pretrained(
+        mistral_dir, tensor_parallel_size=tp, pipeline_parallel_size=pp, control_plane=control_plane, block_size=4
+    ) as engine:
+        assert_same_generation(engine.generate(PROMPTS, PARAMS), greedy)
+        assert [o.token_ids for o in engine.generate(PROMPTS, SEEDED)] == [o.token_ids for o in seeded]
+        # Sequences joining and leaving the batch: different lengths end at different steps.
+        mixed = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (2, 12, 5)]
+        for out, exp, p in zip(engine.generate(PROMPTS, mixed), greedy, mixed):
+            assert out.token_ids == exp.token_ids[: p.max_tokens]
+    assert not children(), "shutdown() must leave no process behind"
+
+
+def test_uneven_layer_split(mistral_dir, reference):
+    with Engine.from_pretrained(mistral_dir, pipeline_parallel_size=2, layers_per_stage=(1, 3), block_size=4) as engine:
+        assert_same_generation(engine.generate(PROMPTS, PARAMS), reference[0])
+
+
+def test_smollm2_tensor_parallel_3_and_pipeline_2_answer_like_one_process(smollm2_engine, smollm2_path):
+    questions = ["What is the capital of France?", "Name a primary colour."]
+    prompts = [smollm2_engine.chat_prompt([{"role": "user", "content": q}]) for q in questions]
+    params = SamplingParams(temperature=0, max_tokens=16)
+    expected = [o.token_ids for o in smollm2_engine.generate(prompts, params)]
+    for tp, pp in [(3, 1), (1, 2)]:
+        with Engine.from_pretrained(smollm2_path, tensor_parallel_size=tp, pipeline_parallel_size=pp) as engine:
+            assert [o.token_ids for o in engine.generate(prompts, params)] == expected
+    assert not children()
+
+
+def test_a_killed_worker_is_reported_by_rank_and_nothing_hangs(mistral_dir):
+    from chat_distributed import WorkerFailedError
+
+    engine = Engine.from_pretrained(mistral_dir, tensor_parallel_size=2, block_size=4, distributed_timeout_s=30)
+    try:
+        worker = engine.executor.processes.processes[1]
+        stream = engine.stream(PROMPTS[2], SamplingParams(temperature=0, max_tokens=500, ignore_eos=True))
+        next(stream)
+        os.kill(worker.pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(WorkerFailedError, match="rank 1"):
+            for _ in stream:
+                pass
+        assert time.monotonic() - start < 30
+        with pytest.raises(WorkerFailedError, match="rank 1"):  # the engine stays failed, it does not hang
+            engine.generate(PROMPTS[:1], PARAMS)
+    finally:
+        engine.shutdown()
+    assert not children()
+
+
+def test_a_failed_start_leaves_no_process(tmp_path, mistral_dir):
+    # 8 heads cannot be split over 3 ranks: every rank fails while building its model.
+    with pytest.raises(Exception, match="divisible|num_attention_heads"):
+        Engine.from_pretrained(mistral_dir, tensor_parallel_size=3, distributed_timeout_s=20)
+    assert not children()
