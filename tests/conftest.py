@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # tiny_models.py and other test helpers
 
-from tiny_models import make_tiny_checkpoint  # noqa: E402
+from tiny_models import add_tiny_tokenizer, make_tiny_checkpoint  # noqa: E402
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -27,6 +27,15 @@ def tiny_checkpoints(tmp_path_factory):
         return made[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory) -> str:
+    """A tiny random Mistral-shaped model with a real (tiny) BPE tokenizer and a chat template."""
+    directory = str(tmp_path_factory.mktemp("tiny-chat"))
+    make_tiny_checkpoint(directory, "mistral", seed=3)
+    add_tiny_tokenizer(directory)
+    return directory
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,59 @@
+"""chat-cli generate and chat, run as real subprocesses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from chat_core import Engine, SamplingParams
+
+
+def chat_cli(*args: str, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "chat_cli", *args], input=stdin, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def test_generate_prints_what_the_engine_generates_and_the_timing(tiny_chat_model):
+    result = chat_cli("generate", "--model", tiny_chat_model, "--temperature", "0", "--max-tokens", "12", "hello world")
+    assert result.returncode == 0, result.stderr
+    with Engine.from_pretrained(tiny_chat_model) as engine:
+        expected = engine.generate("hello world", SamplingParams(temperature=0, max_tokens=12))[0].text
+    assert result.stdout == expected + "\n"
+    assert "time to first token" in result.stderr and "tokens/s" in result.stderr
+
+
+def test_generate_with_the_default_model():
+    result = chat_cli("generate", "--chat-template", "--temperature", "0", "--max-tokens", "12", "What is the capital of France?")
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+
+
+def test_chat_keeps_the_conversation_and_resets(tiny_chat_model):
+    turns = ["hello there", "what is the capital", "/reset", "hello there", "/exit", "never read"]
+    result = chat_cli(
+        "chat", "--model", tiny_chat_model, "--temperature", "0", "--max-tokens", "6", "--system", "be brief", stdin="\n".join(turns) + "\n"
+    )
+    assert result.returncode == 0, result.stderr
+    params = SamplingParams(temperature=0, max_tokens=6)
+    with Engine.from_pretrained(tiny_chat_model) as engine:
+        history = [{"role": "system", "content": "be brief"}]
+        answers = []
+        for turn in ("hello there", "what is the capital"):
+            history.append({"role": "user", "content": turn})
+            answers.append(engine.chat(history, params).text)
+            history.append({"role": "assistant", "content": answers[-1]})
+    lines = result.stdout.split("\n")
+    assert lines[0] == answers[0] and lines[1] == answers[1]
+    assert lines[2] == "[conversation cleared]"
+    assert lines[3] == answers[0]  # after /reset the first turn is answered as the first time
+    assert len([line for line in lines if line]) == 4  # /exit stopped before the last line
+
+
+def test_a_missing_model_is_a_clear_error(tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    result = chat_cli("generate", "--model", missing, "hi")
+    assert result.returncode == 2
+    assert missing in result.stderr and "Traceback" not in result.stderr
