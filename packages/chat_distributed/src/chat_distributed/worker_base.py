@@ -15,8 +15,10 @@ One step, as `execute_model` runs it:
 
 from __future__ import annotations
 
+import time
 from abc import abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,6 +33,15 @@ from chat_distributed.control_plane import ControlPlane, make_control_plane
 from chat_distributed.parallel_state import ParallelGroups
 
 
+@dataclass
+class StepStats:
+    """Where a rank's step time goes: getting the inputs (the control plane) against the whole step."""
+
+    steps: int = 0
+    step_seconds: float = 0.0
+    control_plane_seconds: float = 0.0
+
+
 class LocalOrDistributedWorkerBase(WorkerBase):
     groups: ParallelGroups  # set by init_device
     model_runner: ModelRunnerBase[Any]
@@ -39,6 +50,7 @@ class LocalOrDistributedWorkerBase(WorkerBase):
 
     def __init__(self, control_plane: str = "broadcast") -> None:
         self.control_plane: ControlPlane = make_control_plane(control_plane)
+        self.step_stats = StepStats()
         self._stopped = False
 
     @abstractmethod
@@ -60,6 +72,14 @@ class LocalOrDistributedWorkerBase(WorkerBase):
         return (self.groups.pipeline_parallel_size - 1) * self.groups.tensor_parallel_size
 
     def execute_model(self, request: ExecuteModelRequest | None = None) -> SamplerOutput | None:
+        started = time.perf_counter()
+        try:
+            return self._execute_model(request, started)
+        finally:
+            self.step_stats.steps += 1
+            self.step_stats.step_seconds += time.perf_counter() - started
+
+    def _execute_model(self, request: ExecuteModelRequest | None, started: float) -> SamplerOutput | None:
         if self.is_driver_worker:
             if request is None:
                 raise ValueError("rank 0 must be given the ExecuteModelRequest to run")
@@ -70,6 +90,7 @@ class LocalOrDistributedWorkerBase(WorkerBase):
                 self._stopped = True
                 return None
             worker_input, model_input = inputs
+        self.step_stats.control_plane_seconds += time.perf_counter() - started
 
         self.execute_worker(worker_input)
         if model_input is None:
