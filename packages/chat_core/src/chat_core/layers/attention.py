@@ -20,10 +20,15 @@ from torch import nn
 @dataclass(frozen=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [tokens]: the cache slot each new token's key/value is written to
-    query_index: torch.Tensor  # [batch, max_query_len]: token index of each (sequence, query) pair
-    key_slots: torch.Tensor  # [batch, max_seq_len]: cache slot of each (sequence, key) pair
+    # [batch * max_query_len]: token index of each (sequence, query) pair; None when every sequence
+    # feeds exactly one token (a pure decode step), where the tokens already are that layout.
+    query_index: torch.Tensor | None
+    key_slots: torch.Tensor  # [batch * max_seq_len]: cache slot of each (sequence, key) pair
     mask: torch.Tensor  # [batch, 1, max_query_len, max_seq_len]: True where a query may attend to a key
-    output_index: torch.Tensor  # [tokens]: row of the flattened [batch * max_query_len] output for each token
+    output_index: torch.Tensor | None  # [tokens]: row of the [batch * max_query_len] output of each token
+    batch: int
+    max_query_len: int
+    max_seq_len: int
 
     @classmethod
     def build(
@@ -60,10 +65,14 @@ class AttentionMetadata:
         # Padding queries attend to key 0 so no row is all -inf (their output is dropped anyway).
         mask[..., 0] |= ~valid_query
 
+        mask = mask.unsqueeze(1)
+        key_slots = key_slots.reshape(-1)
+        if max_query_len == 1 and num_tokens == batch:
+            return cls(slot_mapping, None, key_slots, mask, None, batch, max_query_len, max_seq_len)
         token_batch = torch.repeat_interleave(torch.arange(batch, device=device), query_lens, output_size=num_tokens)
         token_offset = torch.arange(num_tokens, device=device) - query_start_loc[token_batch]
         output_index = token_batch * max_query_len + token_offset
-        return cls(slot_mapping, query_index, key_slots, mask.unsqueeze(1), output_index)
+        return cls(slot_mapping, query_index.reshape(-1), key_slots, mask, output_index, batch, max_query_len, max_seq_len)
 
 
 class Attention(nn.Module):
@@ -88,16 +97,20 @@ class Attention(nn.Module):
         key_cache.index_copy_(0, metadata.slot_mapping, k)
         value_cache.index_copy_(0, metadata.slot_mapping, v)
 
-        queries = q[metadata.query_index].transpose(1, 2)  # [batch, heads, max_query_len, head_dim]
-        keys = key_cache[metadata.key_slots].transpose(1, 2)  # [batch, kv_heads, max_seq_len, head_dim]
-        values = value_cache[metadata.key_slots].transpose(1, 2)
+        # index_select rather than advanced indexing: the same gather, several times faster on CPU.
+        if metadata.query_index is not None:
+            q = q.index_select(0, metadata.query_index)
+        batch, q_len, k_len = metadata.batch, metadata.max_query_len, metadata.max_seq_len
+        queries = q.view(batch, q_len, self.num_heads, self.head_dim).transpose(1, 2)  # [batch, heads, q_len, dim]
+        keys = key_cache.index_select(0, metadata.key_slots).view(batch, k_len, self.num_kv_heads, self.head_dim)
+        values = value_cache.index_select(0, metadata.key_slots).view(batch, k_len, self.num_kv_heads, self.head_dim)
         out = F.scaled_dot_product_attention(
             queries,
-            keys,
-            values,
+            keys.transpose(1, 2),
+            values.transpose(1, 2),
             attn_mask=metadata.mask,
             scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )
         out = out.transpose(1, 2).reshape(-1, self.num_heads * self.head_dim)
-        return out[metadata.output_index]
+        return out if metadata.output_index is None else out.index_select(0, metadata.output_index)

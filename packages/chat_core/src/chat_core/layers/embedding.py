@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from chat_core.checkpoint.tensor_source import TensorSource
+from chat_core.layers import cpu_gemm
 from chat_core.parallel import SINGLE_RANK, TensorParallelGroup
 
 
@@ -49,8 +50,14 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits for this rank's vocabulary slice, gathered into the full vocabulary."""
 
+    packed_weight: torch.Tensor | None = None
+
+    def pack(self) -> None:
+        """Pack the (loaded) weight for the CPU GEMM that is fastest for decode batches."""
+        self.packed_weight = cpu_gemm.pack_weight(self.weight)
+
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden_states, self.weight)
+        logits = cpu_gemm.linear(hidden_states, self.weight, self.packed_weight)
         if self.tp.size > 1:
             logits = self.tp.all_gather(logits, dim=-1)[..., : self.vocab_size]
         return logits

@@ -2,16 +2,16 @@
 
 Column-parallel layers split their output features (each rank computes a slice of the outputs),
 row-parallel layers split their input features and sum the partial results with one all-reduce.
-With a group of one they are plain `F.linear`.
+With a group of one they are plain matrix products (see cpu_gemm for the CPU fast path).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from chat_core.checkpoint.tensor_source import TensorSource
+from chat_core.layers import cpu_gemm
 from chat_core.parallel import SINGLE_RANK, TensorParallelGroup
 
 
@@ -45,6 +45,7 @@ class ColumnParallelLinear(nn.Module):
         self.local_offsets = [sum(self.local_sizes[:i]) for i in range(len(self.local_sizes))]
         self.weight = _empty_parameter(sum(self.local_sizes), input_size, dtype=dtype, device=device)
         self.bias = _empty_parameter(sum(self.local_sizes), dtype=dtype, device=device) if bias else None
+        self.packed_weight: torch.Tensor | None = None
 
     def load_shard(self, param: nn.Parameter, source: TensorSource, shard: int = 0) -> None:
         """Copy this rank's slice of logical output `shard` from the checkpoint into `param`."""
@@ -55,8 +56,13 @@ class ColumnParallelLinear(nn.Module):
         loaded = source.read(0, start_row, size)
         param.data.narrow(0, self.local_offsets[shard], size).copy_(loaded)
 
+    def pack(self) -> None:
+        """Keep a oneDNN-packed copy of the loaded weight (see cpu_gemm: faster in bfloat16)."""
+        self.packed_weight = cpu_gemm.pack_weight(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        y = cpu_gemm.linear(x, self.weight, self.packed_weight)
+        return y if self.bias is None else y + self.bias
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -118,6 +124,7 @@ class RowParallelLinear(nn.Module):
         self.input_size_per_rank = divide(input_size, tp.size, "input features")
         self.weight = _empty_parameter(output_size, self.input_size_per_rank, dtype=dtype, device=device)
         self.bias = _empty_parameter(output_size, dtype=dtype, device=device) if bias else None
+        self.packed_weight: torch.Tensor | None = None
 
     def load_shard(self, param: nn.Parameter, source: TensorSource, shard: int = 0) -> None:
         if param is self.bias:
@@ -126,8 +133,10 @@ class RowParallelLinear(nn.Module):
         start = self.tp.rank * self.input_size_per_rank
         param.data.copy_(source.read(1, start, self.input_size_per_rank))
 
+    pack = ColumnParallelLinear.pack
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = cpu_gemm.linear(x, self.weight, self.packed_weight)
         if self.tp.size > 1:
             y = self.tp.all_reduce(y)
         if self.bias is not None:

@@ -89,7 +89,12 @@ class LlamaModelRunner(ModelRunnerBase[LlamaModelInput]):
     def allocate_kv_cache(self, num_blocks: int) -> list[torch.Tensor]:
         assert self.model is not None, "load_model() first"
         shape = self._kv_shape(num_blocks)
-        return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.model.layers]
+        caches = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.model.layers]
+        for cache in caches:
+            # Padding keys read slot 0, masked out: it must hold finite numbers (0 x NaN is NaN). The
+            # rest stays untouched, so memory is only committed as the cache fills.
+            cache[:, 0].zero_()
+        return caches
 
     def prepare_model_input(self, request: ExecuteModelRequest) -> LlamaModelInput:
         scheduled = request.scheduled
