@@ -106,3 +106,31 @@ def test_a_failed_start_leaves_no_process(tmp_path, mistral_dir):
     with pytest.raises(Exception, match="divisible|num_attention_heads"):
         Engine.from_pretrained(mistral_dir, tensor_parallel_size=3, distributed_timeout_s=20)
     assert not children()
+
+
+def test_fewer_kv_heads_than_ranks_are_replicated(tmp_path):
+    from tiny_models import make_tiny_checkpoint
+
+    make_tiny_checkpoint(str(tmp_path), "llama", num_key_value_heads=1)
+    with Engine.from_pretrained(str(tmp_path)) as engine:
+        expected = engine.generate(PROMPTS, PARAMS)
+    with Engine.from_pretrained(str(tmp_path), tensor_parallel_size=2) as engine:
+        assert_same_generation(engine.generate(PROMPTS, PARAMS), expected)
+
+
+def test_leaving_the_interpreter_without_shutdown_stops_every_rank(tmp_path, mistral_dir):
+    import subprocess
+    import sys
+
+    script = (
+        "from chat_core import Engine\n"
+        f"engine = Engine.from_pretrained({mistral_dir!r}, tensor_parallel_size=2)\n"
+        "print(engine.executor.processes.processes[1].pid, flush=True)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    pid = int(result.stdout.split()[-1])
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
