@@ -27,6 +27,7 @@ def run_generate(engine: Engine, args: argparse.Namespace) -> int:
         sys.stdout.flush()
     end = time.perf_counter()
     sys.stdout.write("\n")
+    sys.stdout.flush()  # the answer, then the timing, even when both go to one terminal
     ttft = (first_token_at or end) - start
     decode_rate = (num_tokens - 1) / (end - first_token_at) if first_token_at and num_tokens > 1 and end > first_token_at else 0.0
     print(

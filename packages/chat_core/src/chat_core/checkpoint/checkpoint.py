@@ -28,6 +28,11 @@ class Checkpoint:
     def tensors(self) -> Iterator[tuple[str, TensorSource]]:
         raise NotImplementedError
 
+    @property
+    def num_tensors(self) -> int | None:
+        """How many tensors `tensors()` yields, when known without reading them (for progress bars)."""
+        return None
+
     def load_tokenizer(self):  # -> Tokenizer | None
         raise NotImplementedError
 
@@ -166,6 +171,10 @@ class GGUFCheckpoint(Checkpoint):
 
     def tensors(self) -> Iterator[tuple[str, TensorSource]]:
         yield from self._hf_tensors.items()
+
+    @property
+    def num_tensors(self) -> int:
+        return len(self._hf_tensors)
 
     def load_tokenizer(self):
         if "tokenizer.ggml.model" not in self.file.metadata:

@@ -73,7 +73,7 @@ class LlamaModelRunner(ModelRunnerBase[LlamaModelInput]):
             tp=self.tp,
             stage=self.stage,
         )
-        self.model.load_weights(_with_progress(checkpoint.tensors(), checkpoint.path), source=checkpoint.path)
+        self.model.load_weights(_with_progress(checkpoint), source=checkpoint.path)
         self.model.eval()
 
     # The KV cache: per layer [2, num_blocks * block_size, kv_heads_per_rank, head_dim].
@@ -177,9 +177,10 @@ class LlamaModelRunner(ModelRunnerBase[LlamaModelInput]):
         return logits
 
 
-def _with_progress(tensors: Any, path: str) -> Any:
-    """A progress bar that appears only if loading takes more than a couple of seconds."""
+def _with_progress(checkpoint: Checkpoint) -> Any:
+    """The checkpoint's tensors, with a progress bar that appears only if loading takes more than a few seconds."""
     from tqdm.auto import tqdm
 
-    return tqdm(tensors, desc=f"Loading {path.rsplit('/', 1)[-1]}", unit="tensor", delay=2.0, leave=False)
+    name = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
+    return tqdm(checkpoint.tensors(), total=checkpoint.num_tensors, desc=f"Loading {name}", unit="tensor", delay=3.0, leave=False)
 
