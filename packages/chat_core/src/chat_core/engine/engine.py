@@ -136,9 +136,11 @@ class Engine:
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
-        order = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        order: list[str] = []
         finished: dict[str, RequestOutput] = {}
         try:
+            for prompt, prompt_params in zip(prompts, params_list):
+                order.append(self.add_request(prompt, prompt_params))
             while len(finished) < len(order):
                 for output in self.generator.step():
                     if output.finished:
