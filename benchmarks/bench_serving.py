@@ -1,0 +1,208 @@
+"""`chat-cli serve` under load: N concurrent streaming clients (1, 8, 32) against a real server on SmolLM2.
+
+Each client sends `--requests-per-client` chat completions one after another (greedy, a fixed
+number of output tokens, so every level does the same work per request) and times every chunk.
+Reports requests/s, output tokens/s, time to first token and inter-token latency (median, p99);
+prints a table and writes JSON to benchmarks/results/serving.json. The clients run in this process,
+on the same machine as the server, so they take a little of its CPU.
+
+    python benchmarks/bench_serving.py [--clients 1 8 32] [--requests-per-client 3] [--max-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import httpx
+
+TOPICS = ["the ocean", "a lighthouse", "the moon", "a city at night", "an old library", "the desert", "a forest", "a train"]
+
+
+@dataclass
+class RequestTiming:
+    ttft_s: float
+    inter_token_s: list[float]
+    output_tokens: int
+
+
+@dataclass
+class LevelResult:
+    clients: int
+    requests: int
+    wall_s: float
+    requests_per_s: float
+    output_tokens_per_s: float
+    ttft_median_ms: float
+    ttft_p99_ms: float
+    itl_median_ms: float
+    itl_p99_ms: float
+    max_sequences_in_step: int
+
+
+def start_server(model: str, extra: list[str]) -> tuple[subprocess.Popen[str], str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "chat_cli", "serve", "--port", "0", "--model", model, *extra],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    for line in process.stdout:
+        ready = re.match(r"^serving .+ on (http://\S+)$", line.strip())
+        if ready:
+            return process, ready[1]
+    raise RuntimeError(f"the server exited with code {process.wait()} before it was ready")
+
+
+async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> RequestTiming:
+    body = {
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    arrivals: list[float] = []
+    output_tokens = 0
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[len("data: ") :])
+            if chunk.get("usage"):
+                output_tokens = chunk["usage"]["completion_tokens"]
+            elif any(choice["delta"].get("content") for choice in chunk["choices"]):
+                arrivals.append(time.perf_counter())
+    assert output_tokens == max_tokens, output_tokens
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    return RequestTiming(arrivals[0] - start, gaps, output_tokens)
+
+
+async def run_level(url: str, clients: int, requests_per_client: int, max_tokens: int) -> tuple[float, list[RequestTiming]]:
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+
+        async def client_loop(index: int) -> list[RequestTiming]:
+            timings = []
+            for turn in range(requests_per_client):
+                topic = TOPICS[(index + turn) % len(TOPICS)]
+                timings.append(await one_request(client, url, f"Write a short poem about {topic}. ({index}.{turn})", max_tokens))
+            return timings
+
+        start = time.perf_counter()
+        per_client = await asyncio.gather(*(client_loop(i) for i in range(clients)))
+        return time.perf_counter() - start, [t for timings in per_client for t in timings]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def max_sequences_in_step(url: str) -> int:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("chat_max_sequences_in_step "):
+            return int(float(line.split()[1]))
+    return 0
+
+
+def measure(url: str, clients: int, requests_per_client: int, max_tokens: int) -> LevelResult:
+    wall, timings = asyncio.run(run_level(url, clients, requests_per_client, max_tokens))
+    ttft = [t.ttft_s * 1000 for t in timings]
+    itl = [gap * 1000 for t in timings for gap in t.inter_token_s]
+    tokens = sum(t.output_tokens for t in timings)
+    return LevelResult(
+        clients=clients,
+        requests=len(timings),
+        wall_s=round(wall, 2),
+        requests_per_s=round(len(timings) / wall, 3),
+        output_tokens_per_s=round(tokens / wall, 1),
+        ttft_median_ms=round(statistics.median(ttft), 1),
+        ttft_p99_ms=round(percentile(ttft, 0.99), 1),
+        itl_median_ms=round(statistics.median(itl), 1),
+        itl_p99_ms=round(percentile(itl, 0.99), 1),
+        max_sequences_in_step=max_sequences_in_step(url),
+    )
+
+
+def print_table(results: list[LevelResult]) -> None:
+    columns = ["clients", "requests", "req/s", "out tok/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99", "max seqs/step"]
+    header = " ".join(f"{c:>9}" for c in columns)
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        cells = [
+            f"{r.clients}",
+            f"{r.requests}",
+            f"{r.requests_per_s:.2f}",
+            f"{r.output_tokens_per_s:.1f}",
+            f"{r.ttft_median_ms:.0f} ms",
+            f"{r.ttft_p99_ms:.0f} ms",
+            f"{r.itl_median_ms:.0f} ms",
+            f"{r.itl_p99_ms:.0f} ms",
+            f"{r.max_sequences_in_step}",
+        ]
+        print(" ".join(f"{c:>9}" for c in cells))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--requests-per-client", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--url", default=None, help="an already running server (default: start one)")
+    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "serving.json"))
+    args = parser.parse_args()
+
+    process = None
+    url = args.url
+    if url is None:
+        process, url = start_server(args.model, [])
+    try:
+        asyncio.run(run_level(url, 1, 1, 8))  # warm up: first-call allocations are not what we measure
+        results = [measure(url, clients, args.requests_per_client, args.max_tokens) for clients in args.clients]
+    finally:
+        if process is not None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
+
+    print_table(results)
+    speedup = results[-1].output_tokens_per_s / results[0].output_tokens_per_s
+    print(f"\noutput tokens/s at {results[-1].clients} clients = {speedup:.1f}x that at {results[0].clients} client(s)")
+    report = {
+        "model": args.model,
+        "max_tokens": args.max_tokens,
+        "requests_per_client": args.requests_per_client,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": _torch_threads(),
+        "speedup_last_vs_first": round(speedup, 2),
+        "levels": [asdict(r) for r in results],
+    }
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

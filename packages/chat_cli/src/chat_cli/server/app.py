@@ -1,0 +1,72 @@
+"""`build_app(async_engine, settings)`: the FastAPI application, its routes, authentication and error handling."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import APIRouter, Depends, FastAPI
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from chat_cli.server.chat import create_chat_completion
+from chat_cli.server.completions import create_completion
+from chat_cli.server.errors import APIError, install_error_handlers
+from chat_cli.server.metrics import ServerMetrics
+from chat_cli.server.protocol import ModelCard, ModelList
+from chat_cli.server.request_group import ClientDisconnected
+from chat_cli.server.settings import ServerSettings
+from chat_cli.server.state import ServerState, server_state
+from chat_core.engine.async_engine import AsyncEngine
+
+_CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; nobody reads it
+
+
+def build_app(async_engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
+    app = FastAPI(title="chat-cli", summary="An OpenAI-compatible server for chat-core models.")
+    metrics = ServerMetrics(async_engine)
+    app.state.server = ServerState(async_engine, settings, metrics)
+    install_error_handlers(app, on_error=lambda status: metrics.errors.labels(str(status)).inc())
+    app.add_exception_handler(ClientDisconnected, _client_disconnected)
+
+    api = APIRouter(prefix="/v1", dependencies=[Depends(_require_api_key)])
+    api.add_api_route("/models", _list_models, methods=["GET"])
+    api.add_api_route("/chat/completions", create_chat_completion, methods=["POST"])
+    api.add_api_route("/completions", create_completion, methods=["POST"])
+    app.include_router(api)
+    app.add_api_route("/health", _health, methods=["GET"])
+    app.add_api_route("/metrics", _metrics, methods=["GET"])
+    return app
+
+
+async def _require_api_key(request: Request) -> None:
+    expected = server_state(request).settings.api_key
+    if expected is None:
+        return
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not key:
+        raise APIError(401, "no API key: send it as 'Authorization: Bearer <key>'", code="invalid_api_key")
+    if not hmac.compare_digest(key.strip().encode(), expected.encode()):  # constant time: no guessing by timing
+        raise APIError(401, "the API key is not valid for this server", code="invalid_api_key")
+
+
+async def _list_models(request: Request) -> JSONResponse:
+    state = server_state(request)
+    card = ModelCard(id=state.settings.served_model_name, max_model_len=state.engine.max_model_len)
+    return JSONResponse(ModelList(data=[card]).model_dump(mode="json"))
+
+
+async def _health(request: Request) -> Response:
+    state = server_state(request)
+    if not state.async_engine.healthy:
+        raise APIError(503, "the engine is dead and takes no more requests; restart the server", code="engine_dead")
+    stats = state.async_engine.stats()
+    return JSONResponse({"status": "ok", "sequences_running": stats.num_running, "sequences_waiting": stats.num_waiting})
+
+
+async def _metrics(request: Request) -> Response:
+    metrics = server_state(request).metrics
+    return Response(metrics.render(), media_type=metrics.content_type)
+
+
+async def _client_disconnected(request: Request, exc: ClientDisconnected) -> Response:
+    return Response(status_code=_CLIENT_CLOSED_REQUEST)

@@ -1,0 +1,161 @@
+"""Engine failures and overload over real HTTP: the app served by uvicorn in this process, on an engine whose
+executor fails or stalls when a test says so (a real process cannot be made to fail on cue)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import httpx
+import pytest
+import uvicorn
+
+from chat_cli.server import ServerSettings, build_app
+from chat_core import Engine
+from chat_core.engine.async_engine import AsyncEngine
+
+HELLO = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+
+
+class Faults:
+    """Wraps an executor: fails the next `fail_steps` steps, holds steps while `gate` is clear, and can play dead."""
+
+    def __init__(self, executor) -> None:
+        self.inner_execute = executor.execute_model
+        self.fail_steps = 0
+        self.dead = False
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        executor.execute_model = self.execute_model
+        executor.check_health = self.check_health
+
+    def execute_model(self, request):
+        self.entered.set()
+        self.gate.wait(timeout=30)
+        if self.fail_steps:
+            self.fail_steps -= 1
+            raise RuntimeError("injected step failure")
+        return self.inner_execute(request)
+
+    def check_health(self) -> None:
+        if self.dead:
+            raise RuntimeError("injected: a worker is gone")
+
+
+@dataclass
+class FaultyServer:
+    url: str
+    faults: Faults
+
+
+@contextmanager
+def serve_in_thread(app) -> Iterator[str]:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        listener.close()
+
+
+@pytest.fixture
+def make_server(tiny_chat_model):
+    stack = []
+
+    def make(max_waiting_requests: int = 256) -> FaultyServer:
+        engine = Engine.from_pretrained(tiny_chat_model)
+        faults = Faults(engine.executor)
+        async_engine = AsyncEngine(engine, max_waiting_requests=max_waiting_requests)
+        serving = serve_in_thread(build_app(async_engine, ServerSettings(served_model_name="tiny")))
+        url = serving.__enter__()
+        stack.append((serving, async_engine))
+        return FaultyServer(url, faults)
+
+    yield make
+    for serving, async_engine in stack:
+        serving.__exit__(None, None, None)
+        async_engine.shutdown()
+
+
+def chat(url: str, **extra) -> httpx.Response:
+    return httpx.post(f"{url}/v1/chat/completions", json={**HELLO, **extra}, timeout=60)
+
+
+def test_a_failed_step_is_500_and_the_server_goes_on(make_server):
+    server = make_server()
+    server.faults.fail_steps = 1
+    response = chat(server.url)
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["type"] == "server_error" and error["code"] == "engine_error"
+    assert "injected step failure" in error["message"]
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert chat(server.url).status_code == 200
+
+
+def test_a_step_that_fails_mid_stream_ends_the_stream_with_an_error_event(make_server):
+    server = make_server()
+    body = {**HELLO, "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        events = []
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[len("data: ") :])
+                if len(events) == 2:
+                    server.faults.fail_steps = 1
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == "engine_error" and "injected step failure" in error["message"]
+    assert len(events) < 100  # it ended at the failure, not after 200 tokens
+    assert chat(server.url).status_code == 200
+
+
+def test_a_dead_engine_is_503_on_health_and_on_requests(make_server):
+    server = make_server()
+    server.faults.fail_steps, server.faults.dead = 1, True
+    assert chat(server.url).status_code == 500  # the request in flight when it died
+    health = httpx.get(f"{server.url}/health")
+    assert health.status_code == 503 and health.json()["error"]["code"] == "engine_dead"
+    response = chat(server.url)
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "engine_dead" and "cannot recover" in response.json()["error"]["message"]
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert "chat_engine_healthy 0.0" in metrics
+
+
+def test_overload_is_429_with_retry_after(make_server):
+    server = make_server(max_waiting_requests=1)
+    server.faults.gate.clear()  # the first request's step stalls; the others queue up behind it
+    with ThreadPoolExecutor(3) as pool:
+        first = pool.submit(chat, server.url)
+        assert server.faults.entered.wait(timeout=30)
+        others = [pool.submit(chat, server.url) for _ in range(2)]
+        time.sleep(1.0)  # both reach the engine's queue while the step is stalled
+        server.faults.gate.set()
+        responses = [first.result(), *(f.result() for f in others)]
+    assert sorted(r.status_code for r in responses) == [200, 200, 429]
+    refused = next(r for r in responses if r.status_code == 429)
+    assert refused.headers["Retry-After"] == "1"
+    error = refused.json()["error"]
+    assert (
+        error["type"] == "rate_limit_error"
+        and error["code"] == "engine_overloaded"
+        and "1 requests are already waiting" in error["message"]
+    )
+    assert chat(server.url).status_code == 200  # once the queue drains, requests are taken again
