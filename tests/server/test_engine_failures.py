@@ -156,6 +156,6 @@ def test_overload_is_429_with_retry_after(make_server):
     assert (
         error["type"] == "rate_limit_error"
         and error["code"] == "engine_overloaded"
-        and "1 requests are already waiting" in error["message"]
+        and "the queue is full: 1 waiting request(s)" in error["message"]
     )
     assert chat(server.url).status_code == 200  # once the queue drains, requests are taken again

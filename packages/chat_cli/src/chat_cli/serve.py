@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -59,19 +60,31 @@ def run_serve(engine: Engine, args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"chat-cli: error: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 2
-    async_engine = AsyncEngine(engine, max_waiting_requests=args.max_waiting_requests)
+    # The engine loop gets the main thread (the one that loaded the model: PyTorch's CPU threads are
+    # much faster driven from it); HTTP runs on an event loop in a second thread.
+    async_engine = AsyncEngine(engine, max_waiting_requests=args.max_waiting_requests, start_thread=False)
     app = build_app(async_engine, settings)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     host, port = listener.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host
     ready_line = f"serving {settings.served_model_name} on http://{url_host}:{port}"
+    http = threading.Thread(target=_serve_http, args=(server, listener, ready_line, app.state.server), name="chat-http")
     try:
         with _signals_stop(server):
-            asyncio.run(_serve(server, listener, ready_line, app.state.server))
+            http.start()
+            async_engine.run_forever()  # returns once the HTTP side has stopped it
+            http.join()
     finally:
-        async_engine.shutdown()  # a no-op when _serve got to it
+        async_engine.shutdown()
         listener.close()
     return 0
+
+
+def _serve_http(server, listener: socket.socket, ready_line: str, state: ServerState) -> None:  # type: ignore[no-untyped-def]
+    try:
+        asyncio.run(_serve(server, listener, ready_line, state))
+    finally:
+        state.async_engine.stop()  # however HTTP ended, end the engine loop on the main thread
 
 
 async def _serve(server, listener: socket.socket, ready_line: str, state: ServerState) -> None:  # type: ignore[no-untyped-def]
@@ -86,8 +99,8 @@ async def _serve(server, listener: socket.socket, ready_line: str, state: Server
         state.stop_requests()  # open streams end now with an error event instead of holding the shutdown
         await serving
     finally:
-        # Stop the engine while this loop is open: its thread may still be delivering outputs to it.
-        await asyncio.to_thread(state.async_engine.shutdown)
+        # Stop the engine loop while this event loop is open: it may still be delivering outputs to it.
+        state.async_engine.stop()
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -1,9 +1,13 @@
 """`AsyncEngine`: many concurrent requests on one Engine, for servers and notebooks.
 
-One background thread owns the Generator and runs steps while there is work; it sleeps when there
-is none. Callers submit requests and cancel them from any thread or event loop; each request's
-outputs come back on its own asyncio queue. Requests join the running batch at the next step and
-leave it when they finish or are cancelled (their cache is freed at once).
+One thread owns the Generator and runs steps while there is work; it sleeps when there is none.
+Callers submit requests and cancel them from any thread or event loop; each request's outputs come
+back on its own asyncio queue. Requests join the running batch at the next step and leave it when
+they finish or are cancelled (their cache is freed at once).
+
+By default that thread is a background thread. A program that can give it the main thread should
+(`start_thread=False`, then `run_forever()`): on CPU, PyTorch's OpenMP workers run a decode step
+about a third slower when the thread that drives them is not the one that loaded the model.
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ class _Pending:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, *, max_waiting_requests: int = 256) -> None:
+    def __init__(self, engine: Engine, *, max_waiting_requests: int = 256, start_thread: bool = True) -> None:
         self.engine = engine
         self.max_waiting_requests = max_waiting_requests
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -68,10 +72,13 @@ class AsyncEngine:
         self._request_ids = itertools.count()
         self._dead: BaseException | None = None
         self._closed = False
+        self._shut_down = False
         self._generation_tokens = 0
         self._prompt_tokens = 0
-        self._thread = threading.Thread(target=self._run, name="chat-engine-loop", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if start_thread:
+            self._thread = threading.Thread(target=self._run, name="chat-engine-loop", daemon=True)
+            self._thread.start()
 
     @classmethod
     def from_pretrained(cls, model: str | None = None, **kwargs: Any) -> AsyncEngine:
@@ -149,13 +156,26 @@ class AsyncEngine:
         if self._dead is not None:
             raise EngineDeadError(f"the engine failed and cannot recover: {self._dead}")
 
-    def shutdown(self) -> None:
-        if self._closed:
-            return
+    def run_forever(self) -> None:
+        """Run the engine loop on the calling thread until `stop()` or `shutdown()` (with `start_thread=False`)."""
+        if self._thread is not None:
+            raise RuntimeError("this AsyncEngine already runs its loop on a background thread")
+        self._run()
+
+    def stop(self) -> None:
+        """Ask the loop to end (from any thread): requests in flight fail with EngineDeadError."""
         self._closed = True
         self._commands.put(("stop", None))
         self._wakeup.set()
-        self._thread.join(timeout=30)
+
+    def shutdown(self) -> None:
+        """Stop the loop, wait for a background loop to end, and shut the engine down."""
+        if self._shut_down:
+            return
+        self._shut_down = True
+        self.stop()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
         self.engine.shutdown()
 
     # Back: the engine thread
@@ -194,13 +214,13 @@ class AsyncEngine:
                 generator.abort_request(value)
                 pending = self._streams.pop(value, None)
                 if pending is not None:
-                    pending.loop.call_soon_threadsafe(pending.outputs.put_nowait, asyncio.CancelledError())
+                    _send(pending, asyncio.CancelledError())
                 continue
             pending: _Pending = value
             try:
                 self._check_alive()
                 if len(generator.scheduler.waiting) >= self.max_waiting_requests:
-                    raise EngineOverloadedError(f"{self.max_waiting_requests} requests are already waiting")
+                    raise EngineOverloadedError(f"the queue is full: {self.max_waiting_requests} waiting request(s)")
                 generator.add_request(pending.request_id, pending.prompt_token_ids, pending.params, pending.prompt)
             except Exception as exc:
                 pending.accepted.set_exception(exc)
@@ -218,11 +238,22 @@ class AsyncEngine:
         pending.num_tokens_seen = num_tokens
         if output.finished:
             del self._streams[output.request_id]
-        pending.loop.call_soon_threadsafe(pending.outputs.put_nowait, output)
+        if not _send(pending, output):
+            self._streams.pop(output.request_id, None)
+            self.engine.generator.abort_request(output.request_id)  # nobody is listening any more
 
     def _fail_all(self, exc: BaseException) -> None:
         for request_id, pending in list(self._streams.items()):
             self.engine.generator.abort_request(request_id)
-            pending.loop.call_soon_threadsafe(pending.outputs.put_nowait, exc)
+            _send(pending, exc)
         self._streams.clear()
 
+
+
+def _send(pending: _Pending, item: RequestOutput | BaseException) -> bool:
+    """Hand an item to the request's event loop; False if that loop has closed."""
+    try:
+        pending.loop.call_soon_threadsafe(pending.outputs.put_nowait, item)
+    except RuntimeError:  # "Event loop is closed": its caller is gone
+        return False
+    return True
