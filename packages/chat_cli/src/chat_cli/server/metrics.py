@@ -35,6 +35,9 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily("chat_prompt_tokens", "Prompt tokens of accepted requests.", stats.prompt_tokens)
         yield CounterMetricFamily("chat_generation_tokens", "Tokens generated.", stats.generation_tokens)
         yield CounterMetricFamily("chat_engine_steps", "Engine steps run.", stats.steps)
+        yield CounterMetricFamily(
+            "chat_scheduled_sequences", "Sequences advanced, summed over steps (/ steps: the average batch).", stats.scheduled_sequences
+        )
         yield GaugeMetricFamily(
             "chat_max_sequences_in_step",
             "The most sequences one engine step has advanced (>1: continuous batching).",

@@ -43,6 +43,7 @@ class EngineStats:
     num_running: int
     num_waiting: int
     steps: int
+    scheduled_sequences: int
     max_sequences_in_step: int
     preemptions: int
     generation_tokens: int
@@ -139,6 +140,7 @@ class AsyncEngine:
             num_running=len(scheduler.running),
             num_waiting=len(scheduler.waiting),
             steps=scheduler.stats.steps,
+            scheduled_sequences=scheduler.stats.scheduled_sequences,
             max_sequences_in_step=scheduler.stats.max_sequences_in_step,
             preemptions=scheduler.stats.preemptions,
             generation_tokens=self._generation_tokens,

@@ -32,6 +32,7 @@ class SchedulerConfig:
 @dataclass
 class SchedulerStats:
     steps: int = 0
+    scheduled_sequences: int = 0  # summed over steps: divided by `steps`, the average batch
     max_sequences_in_step: int = 0
     preemptions: int = 0
 
@@ -113,6 +114,7 @@ class Scheduler:
         self._finished_since_last_step = []
         if step.sequences:
             self.stats.steps += 1
+            self.stats.scheduled_sequences += len(step.sequences)
             self.stats.max_sequences_in_step = max(self.stats.max_sequences_in_step, len(step.sequences))
         return step
 
