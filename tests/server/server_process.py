@@ -56,12 +56,19 @@ class ServerProcess:
 
 
 def start_server(
-    *args: str, log_dir: str, env: dict[str, str] | None = None, api_key: str | None = None, timeout: float = 180
+    *args: str,
+    log_dir: str,
+    env: dict[str, str] | None = None,
+    api_key: str | None = None,
+    timeout: float = 180,
+    launcher: tuple[str, ...] = (sys.executable, "-m"),
 ) -> ServerProcess:
-    """Start `chat-cli serve --port 0 ARGS` (its stderr in a file under `log_dir`) and wait for its 'serving ... on URL' line."""
+    """Start `chat-cli serve --port 0 ARGS` (its stderr in a file under `log_dir`) and wait for its 'serving ... on URL' line.
+
+    `launcher` runs the `chat_cli` module: plain Python by default, or e.g. torchrun's `... -m`."""
     log = tempfile.NamedTemporaryFile("w", dir=log_dir, prefix="chat-serve-", suffix=".log", delete=False)
     process = subprocess.Popen(
-        [sys.executable, "-m", "chat_cli", "serve", "--port", "0", *args],
+        [*launcher, "chat_cli", "serve", "--port", "0", *args],
         stdout=subprocess.PIPE,
         stderr=log,
         text=True,

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import sys
 import time
 
 import httpx
+import psutil
 import pytest
 
 from chat_core import Engine, SamplingParams
@@ -100,3 +103,22 @@ def test_a_signal_stops_the_server_cleanly_even_mid_stream(tiny_chat_model, tmp_
     assert "Traceback" not in server.log() and "ERROR" not in server.log(), server.log()
     # The open stream was told why it ended, instead of holding the shutdown until it finished.
     assert events[-1] == "data: [DONE]" and "server_shutting_down" in events[-2]
+
+
+def test_serve_under_torchrun_answers_like_one_process(tiny_chat_model, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        master_port = s.getsockname()[1]
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(master_port), "-m")
+    server = start_server("--model", tiny_chat_model, log_dir=str(tmp_path), env={"OMP_NUM_THREADS": "1"}, launcher=launcher)
+    try:
+        with Engine.from_pretrained(tiny_chat_model) as engine:
+            expected = engine.chat(QUESTION, SamplingParams(temperature=0, max_tokens=12)).text
+        answer = server.client().chat.completions.create(model=server.model, messages=QUESTION, temperature=0, max_tokens=12)
+        assert answer.choices[0].message.content == expected
+        ranks = [p for p in psutil.Process(server.process.pid).children(recursive=True) if "chat_cli" in " ".join(p.cmdline())]
+        assert len(ranks) == 2
+    finally:
+        stop_server(server.process)  # torchrun itself exits non-zero on SIGTERM; what matters is that its ranks end
+    _, alive = psutil.wait_procs(ranks, timeout=15)
+    assert not alive
