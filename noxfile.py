@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import nox
 
 nox.options.default_venv_backend = "venv"
@@ -37,8 +35,18 @@ def demo(session: nox.Session) -> None:
     session.run("chat-cli", "generate", "--chat-template", "--temperature", "0", "--max-tokens", "64", prompt)
 
 
+BENCHMARKS = {
+    "generate": "benchmarks/bench_generate.py",  # engine vs transformers: decode tokens/s, TTFT, load, memory
+    "serving": "benchmarks/bench_serving.py",  # chat-cli serve under 1, 8, 32 concurrent clients
+    "control-plane": "benchmarks/bench_control_plane.py",  # broadcast vs SPMD at tp=2 and pp=2
+}
+
+
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Engine vs transformers on SmolLM2: decode tokens/s, time to first token, load time, memory."""
-    install_project(session, "transformers>=4.46", "accelerate", "psutil")
-    session.run("python", "benchmarks/bench_generate.py", *session.posargs, env={"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+    """All benchmarks, or those named: `nox -s bench -- generate serving control-plane`."""
+    install_project(session, "transformers>=4.46", "accelerate", "psutil", "httpx")
+    for name in session.posargs or list(BENCHMARKS):
+        if name not in BENCHMARKS:
+            session.error(f"unknown benchmark {name!r}; expected one of {', '.join(BENCHMARKS)}")
+        session.run("python", BENCHMARKS[name], env={"HF_HUB_OFFLINE": "1"})
