@@ -6,6 +6,7 @@ import nox
 
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["tests"]  # plain `nox` runs the tests; demo and bench on request
 
 # The CPU build of PyTorch; the packages themselves accept any torch>=2.5.
 TORCH = "torch==2.13.0"
