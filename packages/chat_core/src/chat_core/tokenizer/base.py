@@ -50,6 +50,7 @@ class Tokenizer(ABC):
     eos_token: str | None
     stop_token_ids: tuple[int, ...]  # eos plus any extra end-of-generation ids, deduplicated
     add_bos_token: bool  # whether encode(add_special_tokens=True) prepends BOS
+    add_eos_token: bool = False  # whether it appends EOS (rare: a few embedding-style checkpoints)
     chat_template: str | None
     # Where the chat template came from, so a template error can name it.
     chat_template_source: str = "<chat template>"
@@ -70,6 +71,14 @@ class Tokenizer(ABC):
     @abstractmethod
     def all_special_ids(self) -> frozenset[int]:
         """Ids that skip_special_tokens removes: control tokens plus bos/eos/unk/pad."""
+
+    def _add_bos_eos(self, ids: list[int]) -> list[int]:
+        """`ids` with BOS before and EOS after, as far as this checkpoint asks for them."""
+        if self.add_bos_token:
+            ids.insert(0, self.bos_token_id)
+        if self.add_eos_token:
+            ids.append(self.eos_token_id)
+        return ids
 
     def apply_chat_template(
         self,

@@ -75,12 +75,7 @@ class HFTokenizer(Tokenizer):
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         ids = self._backend.encode(text, add_special_tokens=False).ids
-        if add_special_tokens:
-            if self.add_bos_token:
-                ids.insert(0, self.bos_token_id)
-            if self.add_eos_token:
-                ids.append(self.eos_token_id)
-        return ids
+        return self._add_bos_eos(ids) if add_special_tokens else ids
 
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         if skip_special_tokens:

@@ -90,12 +90,7 @@ class SentencePieceTokenizer(Tokenizer):
             start = match.end()
         if start < len(text):
             ids.extend(self._processor.encode(text[start:]))
-        if add_special_tokens:
-            if self.add_bos_token:
-                ids.insert(0, self.bos_token_id)
-            if self.add_eos_token:
-                ids.append(self.eos_token_id)
-        return ids
+        return self._add_bos_eos(ids) if add_special_tokens else ids
 
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         sp = self._processor
