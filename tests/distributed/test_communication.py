@@ -14,7 +14,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chat_distributed.communication import (
-    CommunicationError,
     broadcast_tensor_dict,
     communication_stats,
     recv_tensor_dict,
