@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from chat_core.engine.engine import Engine, PromptInput
+from chat_core.engine.engine import Engine, PromptInput, StreamDelta
 from chat_core.outputs import RequestOutput
 from chat_core.sampling_params import SamplingParams
 
@@ -109,6 +109,23 @@ class AsyncEngine:
         finally:
             if not finished:
                 self.abort(stream.request_id)
+
+    async def stream(
+        self, prompt: PromptInput, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> AsyncIterator[StreamDelta]:
+        """Yield what each step added to a single completion (leaving early cancels it)."""
+        params = params or SamplingParams()
+        if params.n != 1:
+            raise ValueError(f"stream() streams one completion; got n={params.n} (use generate())")
+        sent_text = sent_tokens = 0
+        outputs = self.generate(prompt, params, request_id)
+        try:
+            async for output in outputs:
+                completion = output.outputs[0]
+                yield StreamDelta(completion.text[sent_text:], completion.token_ids[sent_tokens:], completion.finish_reason)
+                sent_text, sent_tokens = len(completion.text), len(completion.token_ids)
+        finally:
+            await outputs.aclose()
 
     async def submit(self, prompt: PromptInput, params: SamplingParams | None = None, request_id: str | None = None) -> _Pending:
         """Queue a request; raises at once if it is invalid, the engine is overloaded, or it is dead."""
