@@ -9,6 +9,7 @@ from chat_core.checkpoint.aliases import DEFAULT_MODEL, MODEL_ALIASES
 from chat_core.checkpoint.checkpoint import Checkpoint, open_checkpoint
 from chat_core.checkpoint.errors import CheckpointError
 from chat_core.config import ModelConfig, UnsupportedModelError
+from chat_core.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
 from chat_core.engine.engine import Engine, StreamDelta
 from chat_core.engine.execute_model_request import ExecuteModelRequest, ScheduledSequence
 from chat_core.engine.executor import Executor, LocalExecutor
@@ -22,7 +23,10 @@ from chat_core.worker.worker import Worker
 from chat_core.worker.worker_base import WorkerBase, WorkerInput
 
 __all__ = [
+    "AsyncEngine",
     "DEFAULT_MODEL",
+    "EngineDeadError",
+    "EngineOverloadedError",
     "MODEL_ALIASES",
     "Checkpoint",
     "CheckpointError",
