@@ -63,17 +63,22 @@ class WorkerProcesses:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Wait for the processes to leave, then terminate and kill whatever is left. Safe to call twice."""
-        deadline = time.monotonic() + timeout
-        for process in self.processes.values():
-            process.join(max(0.0, deadline - time.monotonic()))
-        for process in self.processes.values():
-            if process.is_alive():
-                process.terminate()
-                process.join(2.0)
-            if process.is_alive():
-                process.kill()
-                process.join(2.0)
+        stop_processes(list(self.processes.values()), timeout)
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def stop_processes(processes: list[Any], timeout: float) -> None:
+    """Give `processes` until `timeout` to exit on their own, then terminate, then kill what is left."""
+    deadline = time.monotonic() + timeout
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+            process.join(2.0)
+        if process.is_alive():
+            process.kill()
+            process.join(2.0)
 
 
 def run_worker_process(rank: int, config: EngineConfig, init_method: str, steps: Any, parent_pid: int) -> None:

@@ -28,6 +28,7 @@ import torch
 import torch.multiprocessing as mp
 
 from chat_distributed.parallel_state import destroy_distributed, init_distributed
+from chat_distributed.processes import stop_processes
 
 _STOP = None
 
@@ -190,16 +191,7 @@ def _stop_processes(processes: list[Any], tasks: list[Any], store_dir: str | Non
             except (OSError, ValueError):
                 pass
         task_queue.cancel_join_thread()  # a dead reader must not block our exit
-    deadline = time.monotonic() + 5.0
-    for process in processes:
-        process.join(max(0.0, deadline - time.monotonic()))
-    for process in processes:
-        if process.is_alive():
-            process.terminate()
-            process.join(2.0)
-        if process.is_alive():
-            process.kill()
-            process.join(2.0)
+    stop_processes(processes, timeout=5.0)
     if store_dir is not None:
         shutil.rmtree(store_dir, ignore_errors=True)
 

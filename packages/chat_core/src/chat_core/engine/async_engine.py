@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from chat_core.engine.engine import Engine, PromptInput, StreamDelta
+from chat_core.engine.engine import DeltaCursor, Engine, PromptInput, StreamDelta
 from chat_core.outputs import RequestOutput
 from chat_core.sampling_params import SamplingParams
 
@@ -117,13 +117,11 @@ class AsyncEngine:
         params = params or SamplingParams()
         if params.n != 1:
             raise ValueError(f"stream() streams one completion; got n={params.n} (use generate())")
-        sent_text = sent_tokens = 0
+        cursor = DeltaCursor()
         outputs = self.generate(prompt, params, request_id)
         try:
             async for output in outputs:
-                completion = output.outputs[0]
-                yield StreamDelta(completion.text[sent_text:], completion.token_ids[sent_tokens:], completion.finish_reason)
-                sent_text, sent_tokens = len(completion.text), len(completion.token_ids)
+                yield cursor.advance(output.outputs[0])
         finally:
             await outputs.aclose()
 

@@ -15,7 +15,7 @@ from chat_core.engine.executor import Executor, LocalExecutor
 from chat_core.engine.generator import Generator
 from chat_core.engine.scheduler import SchedulerConfig
 from chat_core.engine_config import EngineConfig
-from chat_core.outputs import RequestOutput
+from chat_core.outputs import CompletionOutput, RequestOutput
 from chat_core.sampling_params import SamplingParams
 
 # A prompt: text, token ids, or {"prompt_token_ids": [...]} / {"prompt": "..."}.
@@ -30,6 +30,19 @@ class StreamDelta:
     text: str
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+
+
+class DeltaCursor:
+    """Turns the cumulative state of one completion into what is new since the last call."""
+
+    def __init__(self) -> None:
+        self._text = 0
+        self._tokens = 0
+
+    def advance(self, completion: CompletionOutput) -> StreamDelta:
+        delta = StreamDelta(completion.text[self._text :], completion.token_ids[self._tokens :], completion.finish_reason)
+        self._text, self._tokens = len(completion.text), len(completion.token_ids)
+        return delta
 
 
 class Engine:
@@ -157,18 +170,14 @@ class Engine:
         if params.n != 1:
             raise ValueError(f"stream() streams one completion; got n={params.n} (use generate())")
         request_id = self.add_request(prompt, params)
-        sent_text, sent_tokens = 0, 0
+        cursor = DeltaCursor()
         try:
             while True:
                 for output in self.generator.step():
                     if output.request_id != request_id:
                         continue
-                    completion = output.outputs[0]
-                    delta = StreamDelta(
-                        completion.text[sent_text:], completion.token_ids[sent_tokens:], completion.finish_reason
-                    )
-                    sent_text, sent_tokens = len(completion.text), len(completion.token_ids)
-                    yield delta  # text may lag its tokens (an unfinished character, a possible stop string)
+                    # Text may lag its tokens (an unfinished character, a possible stop string).
+                    yield cursor.advance(output.outputs[0])
                     if output.finished:
                         return
         finally:
