@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 
 import pytest
 
@@ -78,3 +80,83 @@ def test_bad_requests_fail_at_submission(engines):
 
     with pytest.raises(ValueError, match="empty"):
         asyncio.run(main())
+
+
+def _run_loop_in_thread(async_engine: AsyncEngine) -> tuple[threading.Thread, list[BaseException]]:
+    loop_errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            async_engine.run_forever()
+        except BaseException as exc:  # noqa: BLE001 - the test reports it
+            loop_errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, loop_errors
+
+
+async def _tokens(async_engine: AsyncEngine, prompt) -> list[int]:
+    last = None
+    async for last in async_engine.generate(prompt, GREEDY):
+        pass
+    return last.token_ids
+
+
+def test_a_caller_that_leaves_while_its_request_is_queued_does_not_stop_the_engine_loop(tiny_chat_model, engines):
+    _, expected, _ = engines
+    async_engine = AsyncEngine.from_pretrained(tiny_chat_model, start_thread=False)
+
+    async def leave_while_queued():
+        task = asyncio.ensure_future(async_engine.submit(PROMPTS[0], GREEDY))
+        await asyncio.sleep(0.05)  # queued: no engine loop has taken it yet
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(leave_while_queued())
+    thread, loop_errors = _run_loop_in_thread(async_engine)
+    try:
+        tokens = asyncio.run(asyncio.wait_for(_tokens(async_engine, PROMPTS[1]), 60))
+    finally:
+        async_engine.stop()
+        thread.join(30)
+        async_engine.shutdown()
+    assert loop_errors == []
+    assert tokens == expected[1]
+    assert async_engine.stats().steps > 0 and async_engine.stats().num_running == 0
+
+
+def test_callers_that_leave_at_any_moment_leave_nothing_behind(tiny_chat_model, engines):
+    _, expected, _ = engines
+    async_engine = AsyncEngine.from_pretrained(tiny_chat_model, start_thread=False)
+    thread, loop_errors = _run_loop_in_thread(async_engine)
+    generator = async_engine.engine.generator
+
+    async def leave_after(delay_s: float):
+        task = asyncio.ensure_future(_tokens(async_engine, PROMPTS[3]))
+        await asyncio.sleep(delay_s)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async def main():
+        await asyncio.gather(*(leave_after(i * 0.002) for i in range(40)))
+        for _ in range(500):  # the engine frees what was aborted at its next turn
+            if not generator.has_unfinished_requests():
+                break
+            await asyncio.sleep(0.01)
+        return await asyncio.wait_for(_tokens(async_engine, PROMPTS[2]), 60)
+
+    try:
+        tokens = asyncio.run(main())
+        unfinished = generator.has_unfinished_requests()
+        blocks = generator.block_manager
+        all_free = blocks.num_free_blocks == blocks.num_blocks
+    finally:
+        async_engine.stop()
+        thread.join(30)
+        async_engine.shutdown()
+    assert loop_errors == []
+    assert tokens == expected[2]
+    assert not unfinished and all_free

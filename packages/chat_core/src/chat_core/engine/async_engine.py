@@ -84,8 +84,9 @@ class AsyncEngine:
     @classmethod
     def from_pretrained(cls, model: str | None = None, **kwargs: Any) -> AsyncEngine:
         max_waiting = kwargs.pop("max_waiting_requests", 256)
+        start_thread = kwargs.pop("start_thread", True)
         engine = Engine.from_pretrained(model, **kwargs) if model is not None else Engine.from_pretrained(**kwargs)
-        return cls(engine, max_waiting_requests=max_waiting)
+        return cls(engine, max_waiting_requests=max_waiting, start_thread=start_thread)
 
     # Front: called from event loops
     async def generate(
@@ -141,7 +142,13 @@ class AsyncEngine:
         )
         self._commands.put(("add", pending))
         self._wakeup.set()
-        await asyncio.wrap_future(pending.accepted)
+        try:
+            await asyncio.wrap_future(pending.accepted)
+        except asyncio.CancelledError:
+            # The caller left while the request was queued. If the engine took it before the
+            # cancellation reached it, nobody will read its outputs: abort it.
+            self.abort(request_id)
+            raise
         return pending
 
     def abort(self, request_id: str) -> None:
@@ -234,6 +241,8 @@ class AsyncEngine:
                     _send(pending, asyncio.CancelledError())
                 continue
             pending: _Pending = value
+            if not pending.accepted.set_running_or_notify_cancel():
+                continue  # its caller stopped waiting before the engine got to it (a client disconnected)
             try:
                 self._check_alive()
                 if len(generator.scheduler.waiting) >= self.max_waiting_requests:
