@@ -49,9 +49,10 @@ def smollm2_path() -> str:
 
 @pytest.fixture(scope="session")
 def smollm2_engine(smollm2_path):
+    """The reference path: the GGUF dequantized to float32 (the default keeps Q4 weights packed)."""
     from chat_core import Engine
 
-    with Engine.from_pretrained(smollm2_path) as engine:
+    with Engine.from_pretrained(smollm2_path, quantization=None, dtype="float32") as engine:
         yield engine
 
 

@@ -18,8 +18,15 @@ def tiny_llama(tiny_checkpoints):
     return tiny_checkpoints("llama_tied")[1]
 
 
-@pytest.mark.parametrize("qtype", QTYPES)
-def test_gguf_types_load_and_match_transformers_on_the_same_weights(tmp_path, tiny_llama, qtype):
+# Dequantized at load, and (for Q4_0/Q4_1) kept packed as int4 and multiplied exactly (float32 kernels).
+PATHS = {"dequantized": {"quantization": None}, "kept-quantized": {"quantization": "gguf", "quantization_compute_dtype": "float32"}}
+
+
+CASES = [(qtype, "dequantized") for qtype in QTYPES] + [(qtype, "kept-quantized") for qtype in ("Q4_0", "Q4_1")]
+
+
+@pytest.mark.parametrize(("qtype", "path_name"), CASES)
+def test_gguf_types_load_and_match_transformers_on_the_same_weights(tmp_path, tiny_llama, qtype, path_name):
     path = str(tmp_path / f"tiny-{qtype}.gguf")
     stored = write_gguf(path, tiny_llama, qtype)
     reference = copy.deepcopy(tiny_llama)
@@ -30,7 +37,7 @@ def test_gguf_types_load_and_match_transformers_on_the_same_weights(tmp_path, ti
     assert checkpoint.config.num_kv_heads == tiny_llama.config.num_key_value_heads
     prompt = list(range(7, 47))
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=5)
-    with Engine.from_pretrained(path) as engine:
+    with Engine.from_pretrained(path, dtype="float32", **PATHS[path_name]) as engine:
         assert engine.tokenizer is None  # the file carries no vocabulary: token ids only
         output = engine.generate({"prompt_token_ids": prompt}, params)[0]
     with torch.no_grad():

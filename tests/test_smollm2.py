@@ -55,15 +55,19 @@ def test_decode_logits_equal_transformers(smollm2_engine, hf_smollm2):
             return logits
 
     prompt = smollm2_engine.chat_prompt([{"role": "user", "content": QUESTIONS[2]}])["prompt_token_ids"]
-    with Engine.from_pretrained("smollm2-135m-instruct", model_runner_cls=Recorder) as engine:
+    with Engine.from_pretrained("smollm2-135m-instruct", model_runner_cls=Recorder, quantization=None, dtype="float32") as engine:
         out = engine.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))[0]
     with torch.no_grad():
         reference = hf_smollm2(torch.tensor([prompt + out.token_ids])).logits[0, len(prompt) - 1 : -1]
     torch.testing.assert_close(torch.cat(Recorder.logits), reference.float(), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16"])
-def test_reduced_precision_still_answers(dtype):
-    with Engine.from_pretrained("smollm2-135m-instruct", dtype=dtype) as engine:
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"quantization": None, "dtype": "bfloat16"}],
+    ids=["default (Q4 kept packed, float32 activations)", "dequantized bfloat16"],
+)
+def test_default_and_reduced_precision_still_answer(options):
+    with Engine.from_pretrained("smollm2-135m-instruct", **options) as engine:
         out = engine.chat([{"role": "user", "content": QUESTIONS[0]}], SamplingParams(temperature=0, max_tokens=16))
     assert "Paris" in out.text

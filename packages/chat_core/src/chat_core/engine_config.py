@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chat_core.config import resolve_dtype
+from chat_core.quantization import resolve_dtype_name, resolve_quantization, validate_quantization
+
+if TYPE_CHECKING:
+    from chat_core.checkpoint.checkpoint import Checkpoint
 
 CONTROL_PLANES = ("broadcast", "spmd")
 
@@ -13,8 +18,11 @@ CONTROL_PLANES = ("broadcast", "spmd")
 @dataclass(frozen=True)
 class EngineConfig:
     model: str  # a directory, a .gguf file, or an alias
-    dtype: str = "float32"
+    dtype: str = "auto"  # of the activations (and of dense weights); "auto": see chat_core.quantization
     device: str = "cpu"
+    quantization: str | None = "auto"  # None/"none", "int8", "int4", "gguf" or "auto": see chat_core.quantization
+    quantization_group_size: int | None = None  # int4 only: 32, 64 or 128 (default 64)
+    quantization_compute_dtype: str = "bfloat16"  # what quantized layers multiply in; "float32": exact, slow (CPU)
     max_model_len: int | None = None  # default: the model's context, capped at 8192
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -26,11 +34,18 @@ class EngineConfig:
     control_plane: str = "broadcast"
     model_runner_cls: Any = None  # a ModelRunnerBase subclass, or "module:Class"; None for the default
     seed: int = 0  # for requests without a seed of their own
+    enforce_eager: bool = False  # no CUDA graphs for decode steps
     distributed_timeout_s: float = 60.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        resolve_dtype(self.dtype)
+        if self.dtype != "auto":
+            resolve_dtype(self.dtype)
+        validate_quantization(self.quantization, self.quantization_group_size)
+        if self.quantization_compute_dtype not in ("bfloat16", "float32"):
+            raise ValueError(
+                f"EngineConfig.quantization_compute_dtype={self.quantization_compute_dtype!r} is invalid: expected bfloat16 or float32"
+            )
         positive = ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size", "pipeline_parallel_size")
         for name in positive:
             value = getattr(self, name)
@@ -44,6 +59,12 @@ class EngineConfig:
             raise ValueError(
                 f"EngineConfig.control_plane={self.control_plane!r} is invalid: expected one of {', '.join(CONTROL_PLANES)}"
             )
+
+    def resolved_for(self, checkpoint: Checkpoint) -> EngineConfig:
+        """This config with `quantization` and `dtype` made concrete for `checkpoint` (idempotent)."""
+        quantization = resolve_quantization(self.quantization, checkpoint.tensor_formats(), checkpoint.path)
+        dtype = resolve_dtype_name(self.dtype, self.device)
+        return dataclasses.replace(self, quantization=quantization, dtype=dtype)
 
     @property
     def world_size(self) -> int:

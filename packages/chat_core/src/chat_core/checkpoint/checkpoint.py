@@ -33,6 +33,10 @@ class Checkpoint:
         """How many tensors `tensors()` yields, when known without reading them (for progress bars)."""
         return None
 
+    def tensor_formats(self) -> dict[str, str]:
+        """How each tensor is stored, by name, where that is a quantized format (e.g. GGUF's "Q4_1")."""
+        return {}
+
     def load_tokenizer(self):  # -> Tokenizer | None
         raise NotImplementedError
 
@@ -175,6 +179,9 @@ class GGUFCheckpoint(Checkpoint):
     @property
     def num_tensors(self) -> int:
         return len(self._hf_tensors)
+
+    def tensor_formats(self) -> dict[str, str]:
+        return {name: tensor.type_name for name, tensor in self._hf_tensors.items()}
 
     def load_tokenizer(self):
         if "tokenizer.ggml.model" not in self.file.metadata:

@@ -10,9 +10,12 @@ import numpy as np
 import torch
 
 from chat_core.checkpoint.errors import CheckpointError
+from chat_core.layers.weight_formats import Int4Groups
 
 # Block-quantized types keep each row of a weight as whole blocks, so a slice of rows reads only those rows.
 SUPPORTED_GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+# Types that are 4-bit groups of 32 with a scale and a zero, readable as `Int4Groups` as they are stored.
+INT4_GROUP_TYPES = ("Q4_0", "Q4_1")
 
 
 class GGUFFile:
@@ -87,19 +90,46 @@ class GGUFTensor:
             return self._rows(slice(None)).narrow(1, start, length)
         return self._rows(slice(None)).narrow(dim, start, length)
 
-    def _rows(self, rows: slice, column_blocks: tuple[int, int] | None = None) -> torch.Tensor:
-        from gguf.quants import dequantize
-
-        data = self._tensor.data  # numpy memmap, one row per output feature
-        if self._row_order is not None:
-            raw = data[self._row_order[rows]]
+    def read_int4_groups(self, dim: int | None, start: int = 0, length: int | None = None, group_size: int = 32) -> Int4Groups | None:
+        """The slice as stored, for a Q4_0/Q4_1 matrix read in groups of 32; None for any other type or group size."""
+        if self.type_name not in INT4_GROUP_TYPES or group_size != self._block_size or len(self.shape) != 2:
+            return None
+        if dim is None:
+            raw = self._raw_rows(slice(None))
+        elif dim == 0:
+            length = self.shape[0] - start if length is None else length
+            raw = self._raw_rows(slice(start, start + length))
         else:
-            raw = data[rows]
+            length = self.shape[1] - start if length is None else length
+            if start % self._block_size or length % self._block_size:
+                return None
+            raw = self._raw_rows(slice(None), column_blocks=(start, length))
+        rows = raw.shape[0]
+        blocks = np.ascontiguousarray(raw).reshape(rows, -1, 20 if self.type_name == "Q4_1" else 18)
+        d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # [rows, groups]
+        packed = blocks[..., 4:] if self.type_name == "Q4_1" else blocks[..., 2:]
+        q = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).reshape(rows, -1)  # value j, then j + 16
+        if self.type_name == "Q4_1":  # w = d q + m = d (q - 8) + (m + 8 d)
+            zero = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) + 8 * d
+        else:  # w = d (q - 8)
+            zero = np.zeros_like(d)
+        return Int4Groups(torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(zero), group_size)
+
+    def _raw_rows(self, rows: slice, column_blocks: tuple[int, int] | None = None) -> np.ndarray:
+        """The stored bytes of `rows` (in the row order), optionally only the blocks of some columns."""
+        data = self._tensor.data  # numpy memmap, one row per output feature
+        raw = data[self._row_order[rows]] if self._row_order is not None else data[rows]
         if column_blocks is not None:
             start, length = column_blocks
             bytes_per_block = raw.shape[-1] * self._block_size // self.shape[-1]
             first = start // self._block_size * bytes_per_block
             raw = raw[..., first : first + length // self._block_size * bytes_per_block]
+        return raw
+
+    def _rows(self, rows: slice, column_blocks: tuple[int, int] | None = None) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        raw = self._raw_rows(rows, column_blocks)
         values = dequantize(np.ascontiguousarray(raw), self._tensor.tensor_type)
         if not values.flags.writeable or not values.flags.c_contiguous:
             values = np.array(values, order="C")  # float types come back as views of the read-only map

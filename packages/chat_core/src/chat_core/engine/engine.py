@@ -73,7 +73,7 @@ class Engine:
         cls,
         model: str = DEFAULT_MODEL,
         *,
-        dtype: str = "float32",
+        dtype: str = "auto",
         device: str = "cpu",
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
@@ -81,8 +81,9 @@ class Engine:
     ) -> Engine:
         """Load a model from a directory, a GGUF file or an alias (default: SmolLM2-135M-Instruct).
 
-        `options` are further `EngineConfig` fields (max_model_len, max_num_seqs, kv_cache_memory_gib,
-        model_runner_cls, control_plane, ...).
+        `dtype` is that of the activations (and of dense weights): "auto" is bfloat16 for quantized weights
+        and on CUDA, float32 otherwise. `options` are further `EngineConfig` fields (quantization,
+        max_model_len, max_num_seqs, kv_cache_memory_gib, model_runner_cls, control_plane, ...).
         """
         config = EngineConfig(
             model=str(model),
@@ -93,6 +94,7 @@ class Engine:
             **options,
         )
         checkpoint = open_checkpoint(config.model)
+        config = config.resolved_for(checkpoint)
         tokenizer = checkpoint.load_tokenizer()
         executor = create_executor(config, checkpoint)
         return cls(config, checkpoint, executor, tokenizer)

@@ -2,14 +2,21 @@
 
 The tokens of all scheduled sequences are packed one after another ([num_tokens, ...], no padding in
 the linear layers). The KV cache of a layer is one pool of slots, [2, num_slots, num_kv_heads,
-head_dim]; a sequence's keys live in the slots of its blocks (its block table). Each step, the
-metadata below is built once and shared by every layer: it says where each new token's keys go
-(`slot_mapping`) and how to gather each sequence's queries and keys into a padded [batch, len]
-view for `scaled_dot_product_attention`.
+head_dim]; a sequence's keys live in the slots of its blocks (its block table). Each step the runner
+builds one `AttentionMetadata` (shared by every layer), whose kind is the implementation that suits
+the step and the device:
+
+- `PaddedAttentionMetadata` (any step, any device; the reference): gathers each sequence's queries
+  and keys into a padded [batch, len] view for `scaled_dot_product_attention`. Prefill and mixed steps.
+- `BlockwiseDecodeMetadata` (decode steps on CPU): reads only the blocks each sequence uses, so work
+  and memory traffic grow with the tokens actually cached, not with batch x longest sequence.
+- `TritonDecodeMetadata` (decode steps on CUDA, `paged_attention_triton`): a kernel that walks each
+  sequence's block table in place; its shapes are fixed per batch size, so CUDA graphs can replay it.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +25,44 @@ from torch import nn
 
 
 @dataclass(frozen=True)
-class AttentionMetadata:
+class AttentionMetadata(ABC):
     slot_mapping: torch.Tensor  # [tokens]: the cache slot each new token's key/value is written to
+
+    @abstractmethod
+    def attend(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, scale: float) -> torch.Tensor:
+        """q: [tokens, heads, head_dim]; caches: [num_slots, kv_heads, head_dim] -> [tokens, heads * head_dim]."""
+
+    @staticmethod
+    def build(
+        *,
+        query_start_loc: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_size: int,
+        max_query_len: int,
+        max_seq_len: int,
+        sliding_window: int | None = None,
+        pad_slot: int = 0,
+        decode_kernel: str | None = None,
+    ) -> AttentionMetadata:
+        """The metadata of one step. A pure decode step (one new token per sequence) uses `decode_kernel`
+        ("blockwise" or "triton"; None picks by device); anything else the padded reference.
+        `pad_slot`: a cache slot holding finite numbers, read where a padded view needs a key."""
+        num_tokens, batch = slot_mapping.shape[0], seq_lens.shape[0]
+        if max_query_len == 1 and num_tokens == batch:
+            kernel = decode_kernel or ("triton" if slot_mapping.device.type == "cuda" else "blockwise")
+            if kernel == "triton":
+                return TritonDecodeMetadata(slot_mapping, seq_lens, block_tables, block_size, sliding_window)
+            if kernel == "blockwise":
+                return BlockwiseDecodeMetadata.from_tables(slot_mapping, seq_lens, block_tables, block_size, sliding_window)
+        return PaddedAttentionMetadata.from_tables(
+            query_start_loc, seq_lens, block_tables, slot_mapping, block_size, max_query_len, max_seq_len, sliding_window, pad_slot
+        )
+
+
+@dataclass(frozen=True)
+class PaddedAttentionMetadata(AttentionMetadata):
     # [batch * max_query_len]: token index of each (sequence, query) pair; None when every sequence
     # feeds exactly one token (a pure decode step), where the tokens already are that layout.
     query_index: torch.Tensor | None
@@ -31,9 +74,8 @@ class AttentionMetadata:
     max_seq_len: int
 
     @classmethod
-    def build(
+    def from_tables(
         cls,
-        *,
         query_start_loc: torch.Tensor,
         seq_lens: torch.Tensor,
         block_tables: torch.Tensor,
@@ -41,8 +83,9 @@ class AttentionMetadata:
         block_size: int,
         max_query_len: int,
         max_seq_len: int,
-        sliding_window: int | None = None,
-    ) -> AttentionMetadata:
+        sliding_window: int | None,
+        pad_slot: int,
+    ) -> PaddedAttentionMetadata:
         device = slot_mapping.device
         num_tokens = slot_mapping.shape[0]
         batch = seq_lens.shape[0]
@@ -55,7 +98,7 @@ class AttentionMetadata:
 
         blocks = block_tables.gather(1, (k // block_size).unsqueeze(0).expand(batch, -1))
         key_slots = blocks * block_size + k % block_size
-        key_slots = key_slots.masked_fill(k.unsqueeze(0) >= seq_lens.unsqueeze(1), 0)
+        key_slots = key_slots.masked_fill(k.unsqueeze(0) >= seq_lens.unsqueeze(1), pad_slot)
 
         # A query at position p (within its sequence) sees keys 0..p: causal over cached and new tokens.
         query_positions = (seq_lens - query_lens).unsqueeze(1) + q
@@ -73,6 +116,102 @@ class AttentionMetadata:
         token_offset = torch.arange(num_tokens, device=device) - query_start_loc[token_batch]
         output_index = token_batch * max_query_len + token_offset
         return cls(slot_mapping, query_index.reshape(-1), key_slots, mask, output_index, batch, max_query_len, max_seq_len)
+
+    def attend(self, q, key_cache, value_cache, scale):
+        num_heads, head_dim = q.shape[1], q.shape[2]
+        num_kv_heads = key_cache.shape[1]
+        # index_select rather than advanced indexing: the same gather, several times faster on CPU.
+        if self.query_index is not None:
+            q = q.index_select(0, self.query_index)
+        batch, q_len, k_len = self.batch, self.max_query_len, self.max_seq_len
+        queries = q.view(batch, q_len, num_heads, head_dim).transpose(1, 2)  # [batch, heads, q_len, dim]
+        keys = key_cache.index_select(0, self.key_slots).view(batch, k_len, num_kv_heads, head_dim)
+        values = value_cache.index_select(0, self.key_slots).view(batch, k_len, num_kv_heads, head_dim)
+        out = F.scaled_dot_product_attention(
+            queries,
+            keys.transpose(1, 2),
+            values.transpose(1, 2),
+            attn_mask=self.mask,
+            scale=scale,
+            enable_gqa=num_heads != num_kv_heads,
+        )
+        out = out.transpose(1, 2).reshape(-1, num_heads * head_dim)
+        return out if self.output_index is None else out.index_select(0, self.output_index)
+
+
+@dataclass(frozen=True)
+class BlockwiseDecodeMetadata(AttentionMetadata):
+    """One new token per sequence; keys read block by block, only the blocks each sequence uses.
+
+    The used blocks of all sequences are listed one after another (`blocks`, with the sequence each
+    belongs to in `block_seq`); a softmax per sequence runs over its blocks' scores.
+    """
+
+    blocks: torch.Tensor  # [used blocks]: cache block ids, sequence by sequence
+    block_seq: torch.Tensor  # [used blocks]: the sequence of each
+    visible: torch.Tensor  # [used blocks, block_size]: True for a key the new token sees
+    batch: int
+    block_size: int
+
+    @classmethod
+    def from_tables(
+        cls, slot_mapping: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor, block_size: int, sliding_window: int | None
+    ) -> BlockwiseDecodeMetadata:
+        device = seq_lens.device
+        batch, max_blocks = block_tables.shape
+        blocks_per_seq = (seq_lens + block_size - 1) // block_size
+        used = torch.arange(max_blocks, device=device).unsqueeze(0) < blocks_per_seq.unsqueeze(1)
+        blocks = block_tables[used]  # row by row: each sequence's blocks in order
+        block_seq = torch.arange(batch, device=device).repeat_interleave(blocks_per_seq)
+        block_start = (torch.arange(max_blocks, device=device).unsqueeze(0).expand(batch, -1)[used] * block_size).unsqueeze(1)
+        positions = block_start + torch.arange(block_size, device=device)  # [used blocks, block_size]
+        seq_len = seq_lens.index_select(0, block_seq).unsqueeze(1)
+        visible = positions < seq_len
+        if sliding_window is not None:  # the new token, at seq_len - 1, sees the last `sliding_window` keys
+            visible &= positions >= seq_len - sliding_window
+        return cls(slot_mapping, blocks, block_seq, visible, batch, block_size)
+
+    def attend(self, q, key_cache, value_cache, scale):
+        batch, num_heads, head_dim = q.shape
+        num_kv_heads = key_cache.shape[1]
+        group = num_heads // num_kv_heads
+        keys = key_cache.view(-1, self.block_size, num_kv_heads, head_dim).index_select(0, self.blocks)
+        values = value_cache.view(-1, self.block_size, num_kv_heads, head_dim).index_select(0, self.blocks)
+        # Slots past a sequence's end may never have been written (any bits, NaN included): mask, don't add.
+        values = values.float().masked_fill_(~self.visible.view(*self.visible.shape, 1, 1), 0.0)
+        keys, values = keys.float().permute(0, 2, 3, 1), values.transpose(1, 2)  # [n, kv, dim, bs], [n, kv, bs, dim]
+        queries = q.float().view(batch, num_kv_heads, group, head_dim)
+        if batch == 1:  # one softmax over every block: no per-sequence reductions needed
+            scores = torch.matmul(queries, keys.permute(1, 2, 0, 3).reshape(num_kv_heads, head_dim, -1)) * scale
+            probs = scores.masked_fill_(~self.visible.view(1, 1, -1), float("-inf")).softmax(dim=-1)
+            out = torch.matmul(probs, values.transpose(0, 1).reshape(num_kv_heads, -1, head_dim))
+            return out.reshape(1, num_heads * head_dim).to(q.dtype)
+        scores = torch.matmul(queries.index_select(0, self.block_seq), keys) * scale
+        scores = scores.masked_fill_(~self.visible.view(-1, 1, 1, self.block_size), float("-inf"))
+        block_max = scores.amax(dim=-1)  # [n, kv, group]
+        seq_max = torch.full((batch, num_kv_heads, group), float("-inf"), device=q.device)
+        seq_max = seq_max.scatter_reduce_(0, self.block_seq.view(-1, 1, 1).expand_as(block_max), block_max, "amax")
+        probs = torch.exp(scores - seq_max.index_select(0, self.block_seq).unsqueeze(-1))
+        denominator = torch.zeros_like(seq_max).index_add_(0, self.block_seq, probs.sum(dim=-1))
+        out = torch.zeros(batch, num_kv_heads, group, head_dim, device=q.device)
+        out.index_add_(0, self.block_seq, torch.matmul(probs, values))
+        return (out / denominator.unsqueeze(-1)).reshape(batch, num_heads * head_dim).to(q.dtype)
+
+
+@dataclass(frozen=True)
+class TritonDecodeMetadata(AttentionMetadata):
+    """One new token per sequence, attended by a Triton kernel that reads the block table in place."""
+
+    seq_lens: torch.Tensor  # [batch] int
+    block_tables: torch.Tensor  # [batch, max blocks] int
+    block_size: int
+    sliding_window: int | None
+
+    def attend(self, q, key_cache, value_cache, scale):
+        from chat_core.layers.paged_attention_triton import paged_decode_attention
+
+        out = paged_decode_attention(q, key_cache, value_cache, self.block_tables, self.seq_lens, self.block_size, scale, self.sliding_window)
+        return out.view(q.shape[0], -1)
 
 
 class Attention(nn.Module):
@@ -96,21 +235,4 @@ class Attention(nn.Module):
         key_cache, value_cache = kv_cache[0], kv_cache[1]
         key_cache.index_copy_(0, metadata.slot_mapping, k)
         value_cache.index_copy_(0, metadata.slot_mapping, v)
-
-        # index_select rather than advanced indexing: the same gather, several times faster on CPU.
-        if metadata.query_index is not None:
-            q = q.index_select(0, metadata.query_index)
-        batch, q_len, k_len = metadata.batch, metadata.max_query_len, metadata.max_seq_len
-        queries = q.view(batch, q_len, self.num_heads, self.head_dim).transpose(1, 2)  # [batch, heads, q_len, dim]
-        keys = key_cache.index_select(0, metadata.key_slots).view(batch, k_len, self.num_kv_heads, self.head_dim)
-        values = value_cache.index_select(0, metadata.key_slots).view(batch, k_len, self.num_kv_heads, self.head_dim)
-        out = F.scaled_dot_product_attention(
-            queries,
-            keys.transpose(1, 2),
-            values.transpose(1, 2),
-            attn_mask=metadata.mask,
-            scale=self.scale,
-            enable_gqa=self.num_heads != self.num_kv_heads,
-        )
-        out = out.transpose(1, 2).reshape(-1, self.num_heads * self.head_dim)
-        return out if metadata.output_index is None else out.index_select(0, metadata.output_index)
+        return metadata.attend(q, key_cache, value_cache, self.scale)

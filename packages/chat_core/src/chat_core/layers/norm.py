@@ -12,8 +12,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(hidden_size, dtype=dtype, device=device), requires_grad=False)
 
-    def load_shard(self, param: nn.Parameter, source, shard: int = 0) -> None:
-        param.data.copy_(source.read())
+    def expected_shards(self) -> set[tuple[str, int]]:
+        return {("weight", 0)}
+
+    def load_shard(self, name: str, source, shard: int = 0) -> None:
+        self.weight.data.copy_(source.read())
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 whatever the model dtype, as the reference implementation does.

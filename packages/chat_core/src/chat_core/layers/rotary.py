@@ -39,18 +39,21 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         angles = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos_cache", angles.cos().to(device), persistent=False)
-        self.register_buffer("sin_cache", angles.sin().to(device), persistent=False)
+        # sin with the first half negated: rotate_half(x) * sin == roll(x, half) * signed_sin (see apply_rotary)
+        signed = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
+        self.register_buffer("signed_sin_cache", signed.to(device), persistent=False)
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for each token, shaped [tokens, 1, head_dim] to broadcast over heads."""
+        """cos and signed sin for each token, shaped [tokens, 1, head_dim] to broadcast over heads."""
         return (
-            self.cos_cache[positions].unsqueeze(1).to(dtype),
-            self.sin_cache[positions].unsqueeze(1).to(dtype),
+            self.cos_cache.index_select(0, positions).unsqueeze(1).to(dtype),
+            self.signed_sin_cache.index_select(0, positions).unsqueeze(1).to(dtype),
         )
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate [tokens, heads, head_dim] by the angles of each token's position."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate [tokens, heads, head_dim] by the angles of each token's position.
+
+    The reference form is x * cos + cat(-x2, x1) * sin (halves x1, x2); roll(x, half) is cat(x2, x1), so
+    the sign goes into the sin table and the rotation is three ops."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)

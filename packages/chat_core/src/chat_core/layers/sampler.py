@@ -8,9 +8,9 @@ how many tokens it has generated, so its tokens do not depend on what else is in
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from chat_core.engine.execute_model_request import ScheduledSequence
@@ -41,38 +41,55 @@ class SamplingTensors(TensorDictMixin):
 
     @classmethod
     def from_scheduled(cls, rows: list[ScheduledSequence], vocab_size: int, device: torch.device) -> SamplingTensors:
+        from chat_core.worker.input_staging import InputStaging
+
+        return cls.from_staged(InputStaging(torch.device(device)).stage(cls.host_arrays(rows, vocab_size)), rows)
+
+    @staticmethod
+    def host_arrays(rows: list[ScheduledSequence], vocab_size: int) -> dict[str, np.ndarray]:
+        """The per-row settings as host arrays, to be staged with the rest of a step's inputs (one copy)."""
         params = [row.sampling_params for row in rows]
+        arrays = {
+            "sampling.temperature": np.array([p.temperature for p in params], dtype=np.float32),
+            "sampling.top_p": np.array([p.top_p for p in params], dtype=np.float32),
+            "sampling.top_k": np.array([p.top_k for p in params], dtype=np.int64),
+            "sampling.min_p": np.array([p.min_p for p in params], dtype=np.float32),
+        }
+        if any(p.uses_penalties for p in params):
 
-        def floats(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
+            def padded(token_lists: list[list[int]]) -> np.ndarray:
+                out = np.full((len(token_lists), max(1, max(len(t) for t in token_lists))), vocab_size, dtype=np.int64)
+                for row, tokens in enumerate(token_lists):
+                    out[row, : len(tokens)] = tokens
+                return out
 
+            arrays["sampling.repetition_penalty"] = np.array([p.repetition_penalty for p in params], dtype=np.float32)
+            arrays["sampling.presence_penalty"] = np.array([p.presence_penalty for p in params], dtype=np.float32)
+            arrays["sampling.frequency_penalty"] = np.array([p.frequency_penalty for p in params], dtype=np.float32)
+            arrays["sampling.prompt_tokens"] = padded([row.prompt_token_ids or [] for row in rows])
+            arrays["sampling.output_tokens"] = padded([row.output_token_ids or [] for row in rows])
+        return arrays
+
+    @classmethod
+    def from_staged(cls, staged: dict[str, torch.Tensor], rows: list[ScheduledSequence]) -> SamplingTensors:
+        """The tensors `host_arrays` made, once on the device, with the plain values the host needs."""
+        params = [row.sampling_params for row in rows]
         logprobs = [p.logprobs for p in params if p.logprobs is not None]
-        any_penalties = any(p.uses_penalties for p in params)
-        tensors = cls(
-            temperature=floats([p.temperature for p in params]),
-            top_p=floats([p.top_p for p in params]),
-            top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
-            min_p=floats([p.min_p for p in params]),
+        return cls(
+            temperature=staged["sampling.temperature"],
+            top_p=staged["sampling.top_p"],
+            top_k=staged["sampling.top_k"],
+            min_p=staged["sampling.min_p"],
             seeds=[row.seed for row in rows],
             output_indices=[row.output_index for row in rows],
             num_top_logprobs=max(logprobs) if logprobs else -1,
             all_greedy=all(p.greedy for p in params),
             any_filter=any(p.top_p < 1 or p.top_k > 0 or p.min_p > 0 for p in params),
-        )
-        if not any_penalties:
-            return tensors
-
-        def padded(token_lists: list[list[int]]) -> torch.Tensor:
-            width = max(1, max(len(t) for t in token_lists))
-            return torch.tensor([t + [vocab_size] * (width - len(t)) for t in token_lists], dtype=torch.int64, device=device)
-
-        return dataclasses.replace(
-            tensors,
-            repetition_penalty=floats([p.repetition_penalty for p in params]),
-            presence_penalty=floats([p.presence_penalty for p in params]),
-            frequency_penalty=floats([p.frequency_penalty for p in params]),
-            prompt_tokens=padded([row.prompt_token_ids or [] for row in rows]),
-            output_tokens=padded([row.output_token_ids or [] for row in rows]),
+            repetition_penalty=staged.get("sampling.repetition_penalty"),
+            presence_penalty=staged.get("sampling.presence_penalty"),
+            frequency_penalty=staged.get("sampling.frequency_penalty"),
+            prompt_tokens=staged.get("sampling.prompt_tokens"),
+            output_tokens=staged.get("sampling.output_tokens"),
         )
 
 

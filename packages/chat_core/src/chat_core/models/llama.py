@@ -24,6 +24,7 @@ from chat_core.layers.norm import RMSNorm
 from chat_core.layers.rotary import RotaryEmbedding, apply_rotary
 from chat_core.outputs import IntermediateOutput
 from chat_core.parallel import SINGLE_RANK, PipelineStage, TensorParallelGroup
+from chat_core.quantization import QuantizationPlan
 
 # Checkpoint tensors that are fused into one parameter here: name fragment -> (fused fragment, shard).
 FUSED_PARAMETERS = {
@@ -37,8 +38,9 @@ _LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TensorParallelGroup, dtype: torch.dtype, device) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallelGroup, plan: QuantizationPlan, prefix: str) -> None:
         super().__init__()
+        dtype, device = plan.dtype, plan.device
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size,
             config.head_dim,
@@ -48,12 +50,18 @@ class LlamaAttention(nn.Module):
             tp=tp,
             dtype=dtype,
             device=device,
+            method=plan.linear([f"{prefix}.{name}.weight" for name in ("q_proj", "k_proj", "v_proj")]),
         )
         self.num_heads = self.qkv_proj.num_local_heads
         self.num_kv_heads = self.qkv_proj.num_local_kv_heads
         self.head_dim = config.head_dim
         self.o_proj = RowParallelLinear(
-            config.num_heads * config.head_dim, config.hidden_size, tp=tp, dtype=dtype, device=device
+            config.num_heads * config.head_dim,
+            config.hidden_size,
+            tp=tp,
+            dtype=dtype,
+            device=device,
+            method=plan.linear([f"{prefix}.o_proj.weight"]),
         )
         self.attn = Attention(self.num_heads, self.num_kv_heads, self.head_dim)
 
@@ -65,21 +73,27 @@ class LlamaAttention(nn.Module):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), *rope)
-        k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), *rope)
-        out = self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim), kv_cache, metadata)
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        # q and k are adjacent in the fused output: rotate them together, then split the views.
+        qk = apply_rotary(qkv[:, : (heads + kv_heads) * head_dim].view(-1, heads + kv_heads, head_dim), *rope)
+        q, k = qk.split([heads, kv_heads], dim=1)
+        v = qkv[:, (heads + kv_heads) * head_dim :].view(-1, kv_heads, head_dim)
+        out = self.attn(q, k, v, kv_cache, metadata)
         return self.o_proj(out)
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TensorParallelGroup, dtype: torch.dtype, device) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallelGroup, plan: QuantizationPlan, prefix: str) -> None:
         super().__init__()
         self.gate_up_proj = ColumnParallelLinear(
-            config.hidden_size, [config.intermediate_size] * 2, tp=tp, dtype=dtype, device=device
+            config.hidden_size,
+            [config.intermediate_size] * 2,
+            tp=tp,
+            method=plan.linear([f"{prefix}.gate_proj.weight", f"{prefix}.up_proj.weight"]),
         )
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, tp=tp, dtype=dtype, device=device)
+        self.down_proj = RowParallelLinear(
+            config.intermediate_size, config.hidden_size, tp=tp, method=plan.linear([f"{prefix}.down_proj.weight"])
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -87,12 +101,13 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, tp: TensorParallelGroup, dtype: torch.dtype, device) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallelGroup, plan: QuantizationPlan, prefix: str) -> None:
         super().__init__()
+        dtype, device = plan.dtype, plan.device
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
-        self.self_attn = LlamaAttention(config, tp, dtype, device)
+        self.self_attn = LlamaAttention(config, tp, plan, f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
-        self.mlp = LlamaMLP(config, tp, dtype, device)
+        self.mlp = LlamaMLP(config, tp, plan, f"{prefix}.mlp")
 
     def forward(
         self,
@@ -125,34 +140,35 @@ class LlamaForCausalLM(nn.Module):
         device: torch.device | str | None = None,
         tp: TensorParallelGroup = SINGLE_RANK,
         stage: PipelineStage = PipelineStage(),
+        quantization: QuantizationPlan | None = None,
     ) -> None:
         super().__init__()
+        plan = quantization or QuantizationPlan(dtype=dtype, device=torch.device(device or "cpu"))
+        dtype, device = plan.dtype, plan.device
         self.config = config
         self.stage = stage
         self.start_layer = stage.start_layer
         self.end_layer = config.num_layers if stage.end_layer is None else stage.end_layer
-        self.embed_tokens = (
-            VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp=tp, dtype=dtype, device=device)
-            if stage.is_first
-            else None
-        )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, tp, dtype, device) for _ in range(self.start_layer, self.end_layer)
+            LlamaDecoderLayer(config, tp, plan, f"model.layers.{index}") for index in range(self.start_layer, self.end_layer)
         )
         self.rotary = RotaryEmbedding(
             config.head_dim, max_positions, config.rope_theta, config.rope_scaling, device=device
         )
+        tied = config.tie_word_embeddings
+        self.embed_tokens: VocabParallelEmbedding | None = None
+        self.lm_head: ParallelLMHead | None = None
+        self.norm: RMSNorm | None = None
         if stage.is_last:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
-            shares_embedding = config.tie_word_embeddings and self.embed_tokens is not None
-            self.lm_head = ParallelLMHead(
-                config.vocab_size, config.hidden_size, tp=tp, dtype=dtype, device="meta" if shares_embedding else device
-            )
-            if shares_embedding:
-                self.lm_head.weight = self.embed_tokens.weight  # same rows, same split: one tensor
-        else:
-            self.norm = None
-            self.lm_head = None
+            head_name = "model.embed_tokens.weight" if tied else "lm_head.weight"
+            method = plan.lm_head(head_name, tied=tied and stage.is_first)
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, tp=tp, method=method)
+        if stage.is_first:
+            if tied and self.lm_head is not None:
+                self.embed_tokens = self.lm_head  # one table, used both ways
+            else:
+                self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp=tp, method=plan.embedding())
 
     @property
     def num_kv_heads_per_rank(self) -> int:
@@ -185,9 +201,10 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head.compute_logits(hidden_states)
 
     def load_weights(self, tensors: Iterable[tuple[str, TensorSource]], source: str = "checkpoint") -> None:
-        """Give each checkpoint tensor to its parameter's layer; tensors of other stages are skipped unread."""
-        owners = self._parameter_owners()
-        loaded: set[str] = set()
+        """Give each checkpoint tensor to its layer, which reads only this rank's slice (and quantizes or packs
+        it as its method says); tensors of other stages are skipped unread."""
+        modules = dict(self.named_modules(remove_duplicate=False))  # a tied table answers to both names
+        loaded: set[tuple[int, str, int]] = set()
         for name, tensor in tensors:
             local_name = self._local_name(name)
             if local_name is None:
@@ -197,23 +214,13 @@ class LlamaForCausalLM(nn.Module):
                 if f".{fragment}." in local_name:
                     local_name, shard = local_name.replace(f".{fragment}.", f".{fused}."), fused_shard
                     break
-            if local_name not in owners:
+            module_name, _, tensor_name = local_name.rpartition(".")
+            module = modules.get(module_name)
+            if module is None or (tensor_name, shard) not in module.expected_shards():
                 raise CheckpointError(f"{source}: tensor {name!r} does not belong to a {self.config.architecture} model")
-            module, param = owners[local_name]
-            module.load_shard(param, tensor, shard)
-            loaded.add(f"{local_name}#{shard}")
+            module.load_shard(tensor_name, tensor, shard)
+            loaded.add((id(module), tensor_name, shard))
         self._check_complete(loaded, source)
-        self._pack_weights()
-
-    def _pack_weights(self) -> None:
-        """Pre-pack weights for the CPU GEMM where it measured faster: the LM head always (wide, and the
-        default GEMM is slow on a few rows), the other layers in bfloat16 (faster at every batch size)."""
-        if self.lm_head is not None:
-            self.lm_head.pack()
-        if next(self.parameters()).dtype == torch.bfloat16:
-            for module in self.modules():
-                if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
-                    module.pack()
 
     def _local_name(self, name: str) -> str | None:
         """This module's parameter name for a checkpoint tensor, or None if another stage owns it."""
@@ -241,24 +248,14 @@ class LlamaForCausalLM(nn.Module):
             return None
         return name
 
-    def _parameter_owners(self) -> dict[str, tuple[nn.Module, nn.Parameter]]:
-        """Each parameter by name, with the layer that loads it; a shared (tied) tensor is listed once."""
-        owners: dict[str, tuple[nn.Module, nn.Parameter]] = {}
-        seen: set[int] = set()
-        for module_name, module in self.named_modules():
-            for name, param in module.named_parameters(recurse=False):
-                if id(param) not in seen:
-                    seen.add(id(param))
-                    owners[f"{module_name}.{name}" if module_name else name] = (module, param)
-        return owners
-
-    def _check_complete(self, loaded: set[str], source: str) -> None:
-        expected = set()
-        for name, (module, _) in self._parameter_owners().items():
-            shards = len(module.local_sizes) if isinstance(module, ColumnParallelLinear) else 1
-            expected.update(f"{name}#{shard}" for shard in range(shards))
-        missing = sorted(expected - loaded)
+    def _check_complete(self, loaded: set[tuple[int, str, int]], source: str) -> None:
+        missing = [
+            f"{module_name}.{tensor_name}"
+            for module_name, module in self.named_modules()
+            if hasattr(module, "expected_shards")
+            for tensor_name, shard in sorted(module.expected_shards())
+            if (id(module), tensor_name, shard) not in loaded
+        ]
         if missing:
-            shown = ", ".join(m.split("#")[0] for m in missing[:5])
+            shown = ", ".join(dict.fromkeys(missing[:5]))
             raise CheckpointError(f"{source}: {len(missing)} weights are missing, e.g. {shown}")
-

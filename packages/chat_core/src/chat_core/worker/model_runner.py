@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from chat_core.checkpoint.checkpoint import Checkpoint
@@ -16,6 +18,9 @@ from chat_core.layers.sampler import Sampler, SamplingTensors
 from chat_core.models.llama import LlamaForCausalLM
 from chat_core.outputs import IntermediateOutput, SamplerOutput
 from chat_core.parallel import SINGLE_RANK, PipelineStage, TensorParallelGroup
+from chat_core.quantization import DEFAULT_INT4_GROUP_SIZE, QuantizationPlan
+from chat_core.worker.cuda_graphs import CudaGraphDecoder
+from chat_core.worker.input_staging import InputStaging
 from chat_core.worker.model_runner_base import ModelInput, ModelRunnerBase
 
 
@@ -62,25 +67,30 @@ class LlamaModelRunner(ModelRunnerBase[LlamaModelInput]):
         self.max_model_len = engine_config.resolve_max_model_len(model_config.max_position_embeddings)
         self.is_driver = tp.rank == 0  # the rank of the last stage that samples
         self.sampler = Sampler()
+        self.staging = InputStaging(device)
         self.model: LlamaForCausalLM | None = None
+        self.scratch_block = 0  # set by allocate_kv_cache
+        self.decode_graphs: CudaGraphDecoder | None = None
 
     def load_model(self, checkpoint: Checkpoint) -> None:
-        self.model = LlamaForCausalLM(
-            self.model_config,
-            max_positions=self.max_model_len,
+        config = self.engine_config
+        plan = QuantizationPlan(
+            mode=config.quantization,
             dtype=self.dtype,
+            compute_dtype=resolve_dtype(config.quantization_compute_dtype),
             device=self.device,
-            tp=self.tp,
-            stage=self.stage,
+            group_size=config.quantization_group_size or DEFAULT_INT4_GROUP_SIZE,
+            tensor_formats=checkpoint.tensor_formats(),
+        )
+        self.model = LlamaForCausalLM(
+            self.model_config, max_positions=self.max_model_len, tp=self.tp, stage=self.stage, quantization=plan
         )
         self.model.load_weights(_with_progress(checkpoint), source=checkpoint.path)
         self.model.eval()
 
-    # The KV cache: per layer [2, num_blocks * block_size, kv_heads_per_rank, head_dim].
-    def _kv_shape(self, num_blocks: int) -> tuple[int, ...]:
-        assert self.model is not None, "load_model() first"
-        return (2, num_blocks * self.block_size, self.model.num_kv_heads_per_rank, self.model_config.head_dim)
-
+    # The KV cache: per layer [2, (num_blocks + 1) * block_size, kv_heads_per_rank, head_dim]. Block
+    # `num_blocks` is this runner's own scratch block, never handed out: padding rows of a step write their
+    # keys there and padded block-table entries point at it, so a real sequence's cache is never touched.
     def kv_cache_bytes_per_block(self) -> int:
         assert self.model is not None, "load_model() first"
         per_layer = 2 * self.block_size * self.model.num_kv_heads_per_rank * self.model_config.head_dim
@@ -88,55 +98,93 @@ class LlamaModelRunner(ModelRunnerBase[LlamaModelInput]):
 
     def allocate_kv_cache(self, num_blocks: int) -> list[torch.Tensor]:
         assert self.model is not None, "load_model() first"
-        shape = self._kv_shape(num_blocks)
+        self.scratch_block = num_blocks
+        shape = (2, (num_blocks + 1) * self.block_size, self.model.num_kv_heads_per_rank, self.model_config.head_dim)
         caches = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.model.layers]
         for cache in caches:
-            # Padding keys read slot 0, masked out: it must hold finite numbers (0 x NaN is NaN). The
-            # rest stays untouched, so memory is only committed as the cache fills.
-            cache[:, 0].zero_()
+            # Padded reads land in the scratch block, masked out: it must hold finite numbers (0 x NaN is NaN).
+            # The rest stays untouched, so memory is only committed as the cache fills.
+            cache[:, num_blocks * self.block_size :].zero_()
+        if self.cuda_graphs_enabled:
+            self.decode_graphs = CudaGraphDecoder(self, caches)
         return caches
+
+    @property
+    def cuda_graphs_enabled(self) -> bool:
+        """Decode steps replay CUDA graphs on CUDA, unless `enforce_eager` or a pipeline stage other than
+        the only one (stages exchange hidden states, which the graphs do not take)."""
+        return self.device.type == "cuda" and not self.engine_config.enforce_eager and self.stage.size == 1
 
     def prepare_model_input(self, request: ExecuteModelRequest) -> LlamaModelInput:
         scheduled = request.scheduled
         block_size = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        query_start_loc = [0]
-        logits_indices: list[int] = []
-        for seq in scheduled:
-            input_ids.extend(seq.token_ids)
-            seq_positions = range(seq.start_position, seq.seq_len)
-            positions.extend(seq_positions)
-            table = seq.block_table
-            slot_mapping.extend(table[p // block_size] * block_size + p % block_size for p in seq_positions)
-            query_start_loc.append(query_start_loc[-1] + seq.num_tokens)
-            if seq.do_sample:
-                logits_indices.append(query_start_loc[-1] - 1)
-        sampled = [seq for seq in scheduled if seq.do_sample]
+        num_tokens = sum(seq.num_tokens for seq in scheduled)
+        input_ids = np.fromiter(itertools.chain.from_iterable(seq.token_ids for seq in scheduled), np.int64, num_tokens)
+        positions = np.empty(num_tokens, np.int64)
+        slot_mapping = np.empty(num_tokens, np.int64)
+        query_start_loc = np.zeros(len(scheduled) + 1, np.int64)
         max_blocks = max((len(seq.block_table) for seq in scheduled), default=0)
+        block_tables = np.full((len(scheduled), max_blocks), self.scratch_block, np.int64)
+        start = 0
+        for row, seq in enumerate(scheduled):
+            end = start + seq.num_tokens
+            table = seq.block_table
+            block_tables[row, : len(table)] = table
+            if seq.num_tokens == 1:  # a decode: plain Python beats numpy for one token
+                position = seq.start_position
+                positions[start] = position
+                slot_mapping[start] = table[position // block_size] * block_size + position % block_size
+            else:
+                seq_positions = np.arange(seq.start_position, seq.seq_len)
+                positions[start:end] = seq_positions
+                slot_mapping[start:end] = block_tables[row, seq_positions // block_size] * block_size + seq_positions % block_size
+            query_start_loc[row + 1] = start = end
+        sampled = [seq for seq in scheduled if seq.do_sample]
+        logits_indices = query_start_loc[1:][[seq.do_sample for seq in scheduled]] - 1 if scheduled else np.zeros(0, np.int64)
 
-        def ints(values: Any) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64, device=self.device)
-
+        arrays = {
+            "input_ids": input_ids,
+            "positions": positions,
+            "slot_mapping": slot_mapping,
+            "query_start_loc": query_start_loc,
+            "seq_lens": np.array([seq.seq_len for seq in scheduled], np.int64),
+            "block_tables": block_tables,
+            "logits_indices": np.asarray(logits_indices, np.int64),
+        }
         # Built on every stage (it is small): whoever prepares the input may not be the stage that samples.
-        sampling = SamplingTensors.from_scheduled(sampled, self.model_config.vocab_size, self.device) if sampled else None
+        if sampled:
+            arrays.update(SamplingTensors.host_arrays(sampled, self.model_config.vocab_size))
+        staged = self.staging.stage(arrays)  # one copy to the device
         return LlamaModelInput(
-            input_ids=ints(input_ids),
-            positions=ints(positions),
-            slot_mapping=ints(slot_mapping),
-            query_start_loc=ints(query_start_loc),
-            seq_lens=ints([seq.seq_len for seq in scheduled]),
-            block_tables=ints([seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in scheduled]),
+            input_ids=staged["input_ids"],
+            positions=staged["positions"],
+            slot_mapping=staged["slot_mapping"],
+            query_start_loc=staged["query_start_loc"],
+            seq_lens=staged["seq_lens"],
+            block_tables=staged["block_tables"],
             max_query_len=max((seq.num_tokens for seq in scheduled), default=0),
             max_seq_len=max((seq.seq_len for seq in scheduled), default=0),
-            logits_indices=ints(logits_indices),
+            logits_indices=staged["logits_indices"],
             sampled_seq_ids=[seq.seq_id for seq in sampled],
-            sampling=sampling,
+            sampling=SamplingTensors.from_staged(staged, sampled) if sampled else None,
         )
 
     def make_model_input_from_broadcasted_tensor_dict(self, tensor_dict: dict[str, Any]) -> LlamaModelInput:
         return LlamaModelInput.from_broadcasted_tensor_dict(tensor_dict)
+
+    def attention_metadata(self, model_input: LlamaModelInput) -> AttentionMetadata:
+        """How this step's attention reads the cache (built once, shared by every layer)."""
+        return AttentionMetadata.build(
+            query_start_loc=model_input.query_start_loc,
+            seq_lens=model_input.seq_lens,
+            block_tables=model_input.block_tables,
+            slot_mapping=model_input.slot_mapping,
+            block_size=self.block_size,
+            max_query_len=model_input.max_query_len,
+            max_seq_len=model_input.max_seq_len,
+            sliding_window=self.model_config.sliding_window,
+            pad_slot=self.scratch_block * self.block_size,
+        )
 
     @torch.inference_mode()
     def execute_model(
@@ -146,20 +194,14 @@ class LlamaModelRunner(ModelRunnerBase[LlamaModelInput]):
         intermediate: IntermediateOutput | None = None,
     ) -> SamplerOutput | IntermediateOutput | None:
         assert self.model is not None, "load_model() first"
-        metadata = AttentionMetadata.build(
-            query_start_loc=model_input.query_start_loc,
-            seq_lens=model_input.seq_lens,
-            block_tables=model_input.block_tables,
-            slot_mapping=model_input.slot_mapping,
-            block_size=self.block_size,
-            max_query_len=model_input.max_query_len,
-            max_seq_len=model_input.max_seq_len,
-            sliding_window=self.model_config.sliding_window,
-        )
-        out = self.model(model_input.input_ids, model_input.positions, kv_cache, metadata, intermediate)
+        graphs = self.decode_graphs
+        if graphs is not None and intermediate is None and graphs.can_run(model_input):
+            out = graphs.run(model_input)  # a replayed decode step
+        else:
+            out = self.model(model_input.input_ids, model_input.positions, kv_cache, self.attention_metadata(model_input), intermediate)
         if isinstance(out, IntermediateOutput):
             return out
-        hidden = self.process_hidden_states(out[model_input.logits_indices], model_input)
+        hidden = self.process_hidden_states(out.index_select(0, model_input.logits_indices), model_input)
         if not model_input.sampled_seq_ids:
             return SamplerOutput(seq_ids=[], sampled_token_ids=torch.empty(0, dtype=torch.int64)) if self.is_driver else None
         logits = self.process_logits(self.model.compute_logits(hidden), model_input)

@@ -48,6 +48,7 @@ class Worker(WorkerBase):
     def load_model(self) -> None:
         if self.checkpoint is None:
             self.checkpoint = open_checkpoint(self.engine_config.model)
+        self.engine_config = self.engine_config.resolved_for(self.checkpoint)
         model_config = self.checkpoint.config
         num_stages = self.engine_config.pipeline_parallel_size
         layer_ranges = split_layers(model_config.num_layers, num_stages, _as_list(self.engine_config.layers_per_stage))

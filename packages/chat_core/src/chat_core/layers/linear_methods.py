@@ -1,0 +1,197 @@
+"""How a linear layer keeps its weight and multiplies by it (vLLM calls this a linear method).
+
+A layer (`ColumnParallelLinear`, `RowParallelLinear`, the LM head) owns one method, chosen when it is
+built (see `chat_core.quantization`). The method creates the layer's weight tensors, loads slices of a
+checkpoint tensor into them as they are read (quantizing or repacking on the way), finishes them once
+every slice is in (packing for its kernel and dropping anything temporary), and applies them. Whatever
+the method, the layer ends up holding one copy of its weight.
+
+- `DenseMethod`: a float weight; on CPU optionally pre-packed for oneDNN (`cpu_gemm`), the packed copy
+  replacing the plain one.
+- `Int8Method`: int8 with a scale per output row, quantized from the checkpoint's floats.
+- `Int4Method`: 4-bit groups, quantized from floats or taken as they are from a GGUF Q4_0/Q4_1 tensor.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chat_core.checkpoint.tensor_source import TensorSource
+from chat_core.layers import cpu_gemm
+from chat_core.layers.weight_formats import Int4Groups, quantize_int4, quantize_int8
+from chat_core.layers.weight_kernels import Int4Kernel, Int8Kernel, PackedInt4
+
+
+class LinearMethod(ABC):
+    """Creates, loads, finishes and applies the weight of one layer: [output_size, input_size] on this rank."""
+
+    name: str = "?"
+
+    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
+        self.dtype = dtype
+        self.device = torch.device(device)
+
+    @abstractmethod
+    def create_weights(self, layer: nn.Module, output_size: int, input_size: int) -> None:
+        """Give `layer` the (empty) tensors of its weight."""
+
+    @abstractmethod
+    def load(self, layer: nn.Module, source: TensorSource, dim: int | None, start: int, length: int | None, row_offset: int) -> None:
+        """Read `length` entries of `source` from `start` along `dim` (None: all of it) into output rows
+        `row_offset...` of the weight."""
+
+    def finish(self, layer: nn.Module) -> None:
+        """Called once every slice of the weight is loaded."""
+
+    @abstractmethod
+    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """x @ weight.T"""
+
+    @property
+    def can_read_rows(self) -> bool:
+        """Whether `read_rows` works, i.e. whether this weight can also serve as a (tied) embedding table."""
+        return True
+
+    @abstractmethod
+    def read_rows(self, layer: nn.Module, row_ids: torch.Tensor) -> torch.Tensor:
+        """Rows `row_ids` of the weight, in the activation dtype (an embedding lookup)."""
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
+class DenseMethod(LinearMethod):
+    """A float weight, multiplied with `F.linear`, or with oneDNN when `pack` (faster on CPU where measured)."""
+
+    name = "dense"
+
+    def __init__(self, dtype: torch.dtype, device: torch.device, *, pack: bool = False) -> None:
+        super().__init__(dtype, device)
+        self.pack = pack
+
+    def create_weights(self, layer: nn.Module, output_size: int, input_size: int) -> None:
+        layer.weight = nn.Parameter(torch.empty(output_size, input_size, dtype=self.dtype, device=self.device), requires_grad=False)
+        layer.register_buffer("packed_weight", None, persistent=False)
+
+    def load(self, layer, source, dim, start, length, row_offset) -> None:
+        loaded = source.read() if dim is None else source.read(dim, start, length)
+        layer.weight.data.narrow(0, row_offset, loaded.shape[0]).copy_(loaded)
+
+    def finish(self, layer: nn.Module) -> None:
+        packed = cpu_gemm.pack_weight(layer.weight) if self.pack else None
+        if packed is not None:  # the packed copy replaces the plain one
+            layer.packed_weight = packed
+            layer.weight = None
+
+    def apply(self, layer, x):
+        if layer.packed_weight is not None:
+            return cpu_gemm.linear(x, None, layer.packed_weight)
+        return F.linear(x, layer.weight)
+
+    @property
+    def can_read_rows(self) -> bool:
+        return not self.pack  # oneDNN's packed layout cannot be read by rows
+
+    def read_rows(self, layer, row_ids):
+        return F.embedding(row_ids, layer.weight)
+
+
+class Int8Method(LinearMethod):
+    """int8 weights with a scale per output row (quantized on load from the checkpoint's floats)."""
+
+    name = "int8"
+
+    def __init__(self, dtype: torch.dtype, device: torch.device, compute_dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__(dtype, device)
+        self.kernel = Int8Kernel(self.device, compute_dtype)
+
+    def create_weights(self, layer, output_size, input_size) -> None:
+        layer.register_buffer("qweight", torch.empty(output_size, input_size, dtype=torch.int8, device=self.device), persistent=False)
+        layer.register_buffer(
+            "weight_scale", torch.empty(output_size, dtype=self.kernel.compute_dtype, device=self.device), persistent=False
+        )
+
+    def load(self, layer, source, dim, start, length, row_offset) -> None:
+        if dim == 1:  # a slice of the inputs: scale by the whole row, so every tensor-parallel split rounds alike
+            channels = quantize_int8(source.read(), round_to=self.kernel.compute_dtype)
+            channels = type(channels)(channels.q.narrow(1, start, length), channels.scale)
+        else:
+            weight = source.read() if dim is None else source.read(dim, start, length)
+            channels = quantize_int8(weight, round_to=self.kernel.compute_dtype)
+        q, scale = self.kernel.pack(channels)
+        layer.qweight.narrow(0, row_offset, q.shape[0]).copy_(q)
+        layer.weight_scale.narrow(0, row_offset, q.shape[0]).copy_(scale)
+
+    def apply(self, layer, x):
+        return self.kernel.matmul(x, layer.qweight, layer.weight_scale)
+
+    def read_rows(self, layer, row_ids):
+        return self.kernel.read_rows(layer.qweight, layer.weight_scale, row_ids, self.dtype)
+
+
+class Int4Method(LinearMethod):
+    """4-bit weights in groups of `group_size` along the input, each with a scale and a zero.
+
+    Slices are gathered as `Int4Groups` while the checkpoint is read (from a GGUF Q4_0/Q4_1 tensor as it is
+    stored, or quantized from floats), then packed once for the kernel when the last slice is in.
+    """
+
+    name = "int4"
+
+    def __init__(self, dtype: torch.dtype, device: torch.device, group_size: int, compute_dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__(dtype, device)
+        self.group_size = group_size
+        self.kernel = Int4Kernel(self.device, compute_dtype)
+
+    def create_weights(self, layer, output_size, input_size) -> None:
+        if input_size % self.group_size:
+            raise ValueError(
+                f"int4 groups of {self.group_size} do not divide this rank's {input_size} input features of "
+                f"{layer.__class__.__name__}; choose a group size that divides it (or a tensor-parallel size whose "
+                "split keeps whole groups on each rank)"
+            )
+        layer.output_size, layer.input_size = output_size, input_size
+        layer.int4_staging = []  # (row offset, Int4Groups) of each slice read, until finish()
+        layer.packed_int4 = None
+
+    def load(self, layer, source, dim, start, length, row_offset) -> None:
+        groups = None
+        read_groups = getattr(source, "read_int4_groups", None)
+        if read_groups is not None:
+            groups = read_groups(dim, start, length, self.group_size)  # None unless stored as such groups
+        if groups is None:
+            weight = source.read() if dim is None else source.read(dim, start, length)
+            groups = quantize_int4(weight, self.group_size, round_to=self.kernel.compute_dtype)
+        layer.int4_staging.append((row_offset, groups))
+
+    def finish(self, layer) -> None:
+        layer.int4_staging.sort(key=lambda item: item[0])
+        parts = [groups for _, groups in layer.int4_staging]
+        whole = Int4Groups(
+            torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), torch.cat([p.zero for p in parts]), self.group_size
+        )
+        if whole.q.shape != (layer.output_size, layer.input_size):
+            raise ValueError(f"int4 weight of {tuple(whole.q.shape)} loaded for a layer of {(layer.output_size, layer.input_size)}")
+        packed = self.kernel.pack(whole)
+        layer.packed_int4 = packed
+        # Registered as buffers so they move and count like every other tensor of the module.
+        layer.register_buffer("int4_weight", packed.weight, persistent=False)
+        layer.register_buffer("int4_scales_and_zeros", packed.scales_and_zeros, persistent=False)
+        layer.int4_staging = []
+
+    def apply(self, layer, x):
+        return self.kernel.matmul(x, layer.packed_int4)
+
+    @property
+    def can_read_rows(self) -> bool:
+        return self.kernel.can_read_rows
+
+    def read_rows(self, layer, row_ids):
+        return self.kernel.read_rows(layer.packed_int4, row_ids, self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"int4 (groups of {self.group_size})"

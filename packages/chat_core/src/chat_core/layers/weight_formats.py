@@ -1,0 +1,79 @@
+"""Weight-only quantization formats, as plain tensors: what a quantized weight *is*, not how it is multiplied.
+
+- `Int8Channels`: symmetric int8 with one scale per output row: w[n, k] = scale[n] * q[n, k].
+- `Int4Groups`: 4-bit values in groups of `group_size` along the input: w[n, k] = scale[n, g] * (q[n, k] - 8) + zero[n, g]
+  with g = k // group_size and q in 0..15 (the layout of torch's int4 kernels). GGUF's Q4_0 (zero = 0) and Q4_1
+  (w = d q + m, so zero = m + 8 d) map onto it directly, so they are read into it without a round trip through floats.
+
+`quantize_int8` / `quantize_int4` make them from float weights (min/max rounding, as torchao and gpt-fast do).
+`round_to` lets the quantizer see scales as the kernel will (for example in bfloat16), so the rounding bound
+holds for the weights that are actually multiplied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+INT4_GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass(frozen=True)
+class Int8Channels:
+    q: torch.Tensor  # [rows, cols] int8
+    scale: torch.Tensor  # [rows] float32
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.float() * self.scale.unsqueeze(1)
+
+
+@dataclass(frozen=True)
+class Int4Groups:
+    q: torch.Tensor  # [rows, cols] uint8, values 0..15
+    scale: torch.Tensor  # [rows, cols // group_size] float32
+    zero: torch.Tensor  # [rows, cols // group_size] float32: the value of q = 8
+    group_size: int
+
+    def __post_init__(self) -> None:
+        rows, cols = self.q.shape
+        if cols % self.group_size or self.scale.shape != (rows, cols // self.group_size) or self.zero.shape != self.scale.shape:
+            raise ValueError(
+                f"Int4Groups: q {tuple(self.q.shape)}, scale {tuple(self.scale.shape)} and zero "
+                f"{tuple(self.zero.shape)} do not fit group_size={self.group_size}"
+            )
+
+    def dequantize(self) -> torch.Tensor:
+        rows, cols = self.q.shape
+        groups = self.q.view(rows, -1, self.group_size).float() - 8
+        return (self.scale.unsqueeze(-1) * groups + self.zero.unsqueeze(-1)).view(rows, cols)
+
+    def narrow_rows(self, start: int, length: int) -> Int4Groups:
+        return Int4Groups(
+            self.q.narrow(0, start, length), self.scale.narrow(0, start, length), self.zero.narrow(0, start, length), self.group_size
+        )
+
+
+def quantize_int8(weight: torch.Tensor, round_to: torch.dtype = torch.float32) -> Int8Channels:
+    """Symmetric per-row int8: the largest |w| of a row maps to 127."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    scale = scale.to(round_to).float()  # quantize against the scale the kernel will use
+    q = torch.round(w / scale.unsqueeze(1)).clamp(-128, 127).to(torch.int8)
+    return Int8Channels(q, scale)
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int, round_to: torch.dtype = torch.float32) -> Int4Groups:
+    """Asymmetric 4-bit groups along the input: each group's min and max span the 16 levels."""
+    rows, cols = weight.shape
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group_size={group_size} is not supported; expected one of {INT4_GROUP_SIZES}")
+    if cols % group_size:
+        raise ValueError(f"int4 group_size={group_size} does not divide the {cols} input features of a weight")
+    groups = weight.float().view(rows, cols // group_size, group_size)
+    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny).to(round_to).float()
+    # Round the zero as the kernel will, then fit q to the rounded scale and zero.
+    zero = (low + 8 * scale).to(round_to).float()
+    q = torch.round((groups - zero.unsqueeze(-1)) / scale.unsqueeze(-1) + 8).clamp(0, 15).to(torch.uint8)
+    return Int4Groups(q.view(rows, cols), scale, zero, group_size)

@@ -1,0 +1,99 @@
+"""Which `LinearMethod` each layer gets, decided once from the engine's settings and the checkpoint.
+
+`quantization` (an `EngineConfig` field, `--quantize` on the command line):
+- `None`: dense weights in the engine's dtype (a GGUF's quantized tensors are dequantized at load).
+- `"int8"`: int8 with a scale per output channel, quantized as each tensor is read.
+- `"int4"`: 4-bit groups of `quantization_group_size` along the input, quantized as each tensor is read.
+- `"gguf"`: a GGUF's quantized tensors kept as they are where a kernel multiplies them exactly (Q4_0 and
+  Q4_1, as 4-bit groups of 32); every other tensor dequantized as with `None`.
+- `"auto"` (the default): `"gguf"` for a GGUF file with Q4_0/Q4_1 tensors, otherwise `None`.
+
+Embeddings stay dense (they are gathered, not multiplied), except a tied one, which reads its rows from
+the LM head's quantized weight where the device's kernel allows it, so the table is kept once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from chat_core.layers.linear_methods import DenseMethod, Int4Method, Int8Method, LinearMethod
+from chat_core.layers.weight_formats import INT4_GROUP_SIZES
+
+QUANTIZATIONS = ("auto", "none", "int8", "int4", "gguf")
+GGUF_INT4_TYPES = ("Q4_0", "Q4_1")  # 4-bit groups of 32: exactly what the int4 kernels take
+DEFAULT_INT4_GROUP_SIZE = 64
+
+
+def validate_quantization(quantization: str | None, group_size: int | None) -> None:
+    if quantization not in (*QUANTIZATIONS, None):
+        raise ValueError(f"quantization={quantization!r} is invalid: expected one of {', '.join(QUANTIZATIONS)} or None")
+    if group_size is not None and group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"quantization_group_size={group_size!r} is invalid: expected one of {INT4_GROUP_SIZES}")
+
+
+def resolve_quantization(quantization: str | None, tensor_formats: Mapping[str, str], source: str) -> str | None:
+    """The concrete mode for a checkpoint whose tensors are stored as `tensor_formats` (name -> type)."""
+    validate_quantization(quantization, None)
+    is_gguf = any(fmt.startswith("Q") for fmt in tensor_formats.values())
+    if quantization is None or quantization == "none":
+        return None
+    if quantization == "auto":
+        return "gguf" if any(fmt in GGUF_INT4_TYPES for fmt in tensor_formats.values()) else None
+    if quantization == "gguf" and not is_gguf:
+        raise ValueError(f"quantization='gguf' keeps a GGUF file's quantized tensors, but {source} has none")
+    return quantization
+
+
+def resolve_dtype_name(dtype: str, device: str) -> str:
+    """`dtype="auto"`: bfloat16 on CUDA, float32 on CPU (where quantized layers still multiply in bfloat16,
+    see `weight_kernels`: float32 activations around them keep a small model's answers those of float32)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+@dataclass(frozen=True)
+class QuantizationPlan:
+    """Hands out one method per layer; the model asks by the checkpoint names that feed the layer."""
+
+    mode: str | None = None  # resolved: None, "int8", "int4" or "gguf"
+    dtype: torch.dtype = torch.float32
+    compute_dtype: torch.dtype = torch.bfloat16  # of the quantized products (see weight_kernels)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    group_size: int = DEFAULT_INT4_GROUP_SIZE
+    tensor_formats: Mapping[str, str] = field(default_factory=dict)
+
+    def linear(self, checkpoint_names: list[str]) -> LinearMethod:
+        """The method of a linear layer fed by these checkpoint tensors (several when fused: q/k/v)."""
+        quantized = self._quantized(checkpoint_names)
+        if quantized is not None:
+            return quantized
+        # oneDNN's packed weights measured faster than F.linear in bfloat16 at every batch size.
+        return DenseMethod(self.dtype, self.device, pack=self._on_cpu and self.dtype == torch.bfloat16)
+
+    def lm_head(self, checkpoint_name: str, *, tied: bool) -> LinearMethod:
+        """The LM head's method; when `tied` it is also the embedding table, so it must read rows back."""
+        quantized = self._quantized([checkpoint_name])
+        if quantized is not None and (not tied or quantized.can_read_rows):
+            return quantized
+        # Packing pays most here (a wide weight, few rows), but a tied table must stay readable by rows.
+        return DenseMethod(self.dtype, self.device, pack=self._on_cpu and not tied)
+
+    def embedding(self) -> LinearMethod:
+        return DenseMethod(self.dtype, self.device)
+
+    @property
+    def _on_cpu(self) -> bool:
+        return self.device.type == "cpu"
+
+    def _quantized(self, checkpoint_names: list[str]) -> LinearMethod | None:
+        if self.mode == "int8":
+            return Int8Method(self.dtype, self.device, self.compute_dtype)
+        if self.mode == "int4":
+            return Int4Method(self.dtype, self.device, self.group_size, self.compute_dtype)
+        if self.mode == "gguf" and all(self.tensor_formats.get(name) in GGUF_INT4_TYPES for name in checkpoint_names):
+            return Int4Method(self.dtype, self.device, 32, self.compute_dtype)
+        return None
