@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import traceback
 
 import torch
@@ -61,15 +62,11 @@ class DistributedExecutor(Executor):
             raise RuntimeError("the distributed executor has been shut down")
         if counts_as_step and self.processes is not None:
             self.processes.begin_driver_step()
+        started = time.monotonic()
         try:
             return step()
         except Exception as exc:
-            if not _raised_by_torch_distributed(exc):
-                message = f"rank 0 failed: {type(exc).__name__}: {exc}"
-            else:
-                cause = self.processes.describe_failure() if self.processes is not None else None
-                message = cause or f"a collective with the other ranks failed: {exc}"
-            self._failure = WorkerFailedError(f"distributed inference failed: {message}")
+            self._failure = WorkerFailedError(f"distributed inference failed: {self._explain(exc, started)}")
             raise self._failure from exc
         except BaseException as exc:
             # Ctrl-C lands between two collectives: the other ranks are left inside this step.
@@ -78,6 +75,18 @@ class DistributedExecutor(Executor):
                 "the ranks are no longer in step: shut this engine down and start a new one"
             )
             raise
+
+    def _explain(self, exc: Exception, started: float) -> str:
+        """Name the rank to blame for `exc`, raised by a step (or start-up) that began at `started`."""
+        if not _raised_by_torch_distributed(exc):
+            return f"rank 0 failed: {type(exc).__name__}: {exc}"
+        cause = None
+        if self.processes is not None:
+            # After a timeout, look at once, before the stuck rank is pushed over by our broken connection;
+            # after a broken connection, give the rank that broke it a moment to be seen dead.
+            timed_out = time.monotonic() - started >= 0.9 * self.config.distributed_timeout_s
+            cause = self.processes.describe_failure(wait_for_exit_s=0.0 if timed_out else 1.0)
+        return cause or f"a collective with the other ranks failed: {exc}"
 
     def check_health(self) -> None:
         if self._failure is not None:

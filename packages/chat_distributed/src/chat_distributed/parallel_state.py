@@ -110,8 +110,9 @@ class GroupCoordinator:
 class ParallelGroups:
     """This rank's view of the world: its tensor-parallel group and its pipeline group.
 
-    `control` is the world again, for the control plane only: its CPU group waits `IDLE_TIMEOUT` for the
-    first message of a step, while every collective inside a step keeps the groups' timeout."""
+    `control` is the world again, for the control plane only: on ranks other than 0 its CPU group waits
+    `IDLE_TIMEOUT` for the first message of a step, while every collective inside a step keeps the
+    groups' timeout."""
 
     world: GroupCoordinator
     tp: GroupCoordinator
@@ -306,7 +307,10 @@ def build_parallel_groups(tensor_parallel_size: int, pipeline_parallel_size: int
     world = state.world
     if world.device != device:
         world = new_group_coordinator([list(range(world_size))], device)
-    idle_cpu_group = dist.new_group(list(range(world_size)), backend="gloo", timeout=IDLE_TIMEOUT)
+    # A group's timeout is each member's own: rank 0 only sends here and must not wait past the timeout
+    # on a stopped rank, while the others may wait for its next step for as long as the engine is idle.
+    idle_timeout = state.timeout if world.global_rank == 0 else IDLE_TIMEOUT
+    idle_cpu_group = dist.new_group(list(range(world_size)), backend="gloo", timeout=idle_timeout)
     control = GroupCoordinator(world.ranks, world.global_rank, idle_cpu_group, world.device_group, device)
     return ParallelGroups(world=world, tp=tp, pp=pp, control=control)
 
