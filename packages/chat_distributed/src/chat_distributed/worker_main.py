@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         serve_rank(config, rank=rank, init_method=launch.init_method, on_phase=set_phase, on_step=count_step)
     except BaseException:
-        if os.getppid() != launch.parent_pid:
-            os._exit(1)  # the engine is gone, and the broken connection it left is no news
+        if _parent_gone(launch, within_s=1.0):
+            _leave_orphaned(launch)  # the engine is gone, and the broken connection it left is no news
         raise
 
 
@@ -54,10 +54,26 @@ def _watch(board: RankStatusBoard, rank: int, launch: WorkerLaunch) -> None:
     """Beat every HEARTBEAT_INTERVAL_S; a rank must never outlive its launcher, even one killed with SIGKILL."""
     while True:
         if os.getppid() != launch.parent_pid:
-            shutil.rmtree(launch.directory, ignore_errors=True)  # nobody else is left to remove it
-            os._exit(1)
+            _leave_orphaned(launch)
         board.beat(rank)
         time.sleep(HEARTBEAT_INTERVAL_S)
+
+
+
+def _parent_gone(launch: WorkerLaunch, within_s: float) -> bool:
+    """Whether the launcher is gone, or goes within `within_s`: a dying process closes its sockets
+    (which may be what broke this rank's step) a moment before its children are handed on."""
+    deadline = time.monotonic() + within_s
+    while os.getppid() == launch.parent_pid:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _leave_orphaned(launch: WorkerLaunch) -> None:
+    shutil.rmtree(launch.directory, ignore_errors=True)  # nobody else is left to remove it
+    os._exit(1)
 
 
 if __name__ == "__main__":
