@@ -1,5 +1,6 @@
 """Engine failures and overload over real HTTP: the app served by uvicorn in this process, on an engine whose
-executor fails or stalls when a test says so (a real process cannot be made to fail on cue)."""
+executor fails or stalls when a test says so (a real process cannot be made to fail on cue); and, last, on a
+distributed engine whose rank process is stopped for real."""
 
 from __future__ import annotations
 
