@@ -71,8 +71,9 @@ class WorkerProcesses:
         self.init_method = f"file://{os.path.join(directory, 'rendezvous')}"
         launch = WorkerLaunch(self.world_size, self.init_method, directory, self.board.path, os.getpid(), config_bytes)
         try:
+            env = _worker_env()
             for rank in range(1, self.world_size):
-                self.processes[rank] = subprocess.Popen(_worker_command(rank), stdin=subprocess.PIPE, env=_worker_env())
+                self.processes[rank] = subprocess.Popen(_worker_command(rank), stdin=subprocess.PIPE, env=env)
             payload = pickle.dumps(launch, protocol=pickle.HIGHEST_PROTOCOL)
             for process in self.processes.values():
                 _send(process, payload)

@@ -1,10 +1,10 @@
 """Where each spawned rank stands, in a small memory-mapped file the launcher reads: no pipe, no lock.
 
-Each rank writes only its own slot: its phase (starting, joining, loading, ...), the steps it has
-finished and a heartbeat (`time.monotonic()`, one clock for every process on the machine). The
-driver writes the steps it has begun in slot 0. From these the launcher names the rank a failed step
-waited for: one with an old heartbeat is stopped or frozen; one behind the driver's step is stuck.
-Plain 8-byte fields written by one process each: a reader sees either the old or the new value.
+Each spawned rank writes only its own slot: its phase (starting, joining, loading, ...), the steps it
+has finished and a heartbeat (`time.monotonic()`, one clock for every process on the machine); slot 0
+is unused, rank 0 being the engine's own process. From these the launcher names the rank a failed step
+waited for: one with an old heartbeat is stopped or frozen; one behind rank 0's step is stuck.
+Plain 8-byte fields, each with one writer: a reader sees either the old or the new value.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ HEARTBEAT_INTERVAL_S = 0.5
 STALE_HEARTBEAT_S = 2.0  # four missed beats: stopped or frozen, not merely busy
 
 _PHASE, _STEPS, _HEARTBEAT = struct.Struct("q"), struct.Struct("q"), struct.Struct("d")
-_SLOT_SIZE = 24  # phase at 0, steps at 8 (finished by a worker, begun by the driver), heartbeat at 16
+_SLOT_SIZE = 24  # phase at 0, steps finished at 8, heartbeat at 16
 
 
 class RankStatusBoard:
@@ -51,7 +51,7 @@ class RankStatusBoard:
             file = mmap.mmap(f.fileno(), _SLOT_SIZE * world_size)
         return cls(path, world_size, file)
 
-    # Written by the rank itself (or, for slot 0, by the driver)
+    # Written by the rank itself
     def set_phase(self, rank: int, phase: int) -> None:
         _PHASE.pack_into(self._map, rank * _SLOT_SIZE, phase)
 
