@@ -1,9 +1,12 @@
 """Engine failures and overload over real HTTP: the app served by uvicorn in this process, on an engine whose
-executor fails or stalls when a test says so (a real process cannot be made to fail on cue)."""
+executor fails or stalls when a test says so (a real process cannot be made to fail on cue); and, last, on a
+distributed engine whose rank process is stopped for real."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import threading
 import time
@@ -13,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx
+import psutil
 import pytest
 import uvicorn
 
@@ -159,3 +163,22 @@ def test_overload_is_429_with_retry_after(make_server):
         and "the queue is full: 1 waiting request(s)" in error["message"]
     )
     assert chat(server.url).status_code == 200  # once the queue drains, requests are taken again
+
+
+def test_a_stopped_rank_turns_the_server_unhealthy_instead_of_hanging(tiny_chat_model):
+    """A real rank process, stopped with SIGSTOP: the step in flight fails within the timeout, then the server is dead."""
+    engine = Engine.from_pretrained(tiny_chat_model, tensor_parallel_size=2, distributed_timeout_s=3)
+    async_engine = AsyncEngine(engine)
+    try:
+        with serve_in_thread(build_app(async_engine, ServerSettings(served_model_name="tiny"))) as url:
+            assert chat(url).status_code == 200
+            os.kill(engine.executor.processes.processes[1].pid, signal.SIGSTOP)
+            response = chat(url)  # its step waits for the stopped rank for 3 s, then fails
+            assert response.status_code == 500
+            assert "rank 1" in response.json()["error"]["message"] and "no sign of life" in response.json()["error"]["message"]
+            health = httpx.get(f"{url}/health")
+            assert health.status_code == 503 and health.json()["error"]["code"] == "engine_dead"
+            assert chat(url).status_code == 503
+    finally:
+        async_engine.shutdown()
+    assert not [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]

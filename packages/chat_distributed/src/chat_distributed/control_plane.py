@@ -5,7 +5,8 @@
 - `SpmdControlPlane`: rank 0 broadcasts the small ExecuteModelRequest, and only what changed since the
   last step (see `request_delta.py`); every rank prepares its own inputs.
 
-Both are used only from `LocalOrDistributedWorkerBase.execute_model`.
+Both are used only from `LocalOrDistributedWorkerBase.execute_model`, over the groups' `control` group:
+the other ranks may wait there as long as the engine stays idle.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class ControlPlane(ABC):
         """On the other ranks: this step's inputs, or None when rank 0 says stop."""
 
     def send_stop(self, worker: LocalOrDistributedWorkerBase) -> None:
-        broadcast_tensor_dict({_STOP: True}, src=0, group=worker.groups.world)
+        broadcast_tensor_dict({_STOP: True}, src=0, group=worker.groups.control)
 
 
 def _prepare(worker: LocalOrDistributedWorkerBase, request: ExecuteModelRequest) -> StepInputs:
@@ -52,11 +53,11 @@ class BroadcastControlPlane(ControlPlane):
         message: dict[str, Any] = _prefixed("worker.", worker_input.as_broadcastable_tensor_dict())
         if model_input is not None:
             message.update(_prefixed("model.", model_input.as_broadcastable_tensor_dict()))
-        broadcast_tensor_dict(message, src=0, group=worker.groups.world)
+        broadcast_tensor_dict(message, src=0, group=worker.groups.control)
         return worker_input, model_input
 
     def receive(self, worker: LocalOrDistributedWorkerBase) -> StepInputs | None:
-        message = broadcast_tensor_dict(src=0, group=worker.groups.world)
+        message = broadcast_tensor_dict(src=0, group=worker.groups.control)
         if message.get(_STOP):
             return None
         worker_input = worker.worker_input_cls.from_broadcasted_tensor_dict(_unprefixed("worker.", message))
@@ -71,11 +72,11 @@ class SpmdControlPlane(ControlPlane):
         self.decoder = RequestDeltaDecoder()
 
     def send(self, worker: LocalOrDistributedWorkerBase, request: ExecuteModelRequest) -> StepInputs:
-        broadcast_tensor_dict({"delta": self.encoder.encode(request)}, src=0, group=worker.groups.world)
+        broadcast_tensor_dict({"delta": self.encoder.encode(request)}, src=0, group=worker.groups.control)
         return _prepare(worker, request)
 
     def receive(self, worker: LocalOrDistributedWorkerBase) -> StepInputs | None:
-        message = broadcast_tensor_dict(src=0, group=worker.groups.world)
+        message = broadcast_tensor_dict(src=0, group=worker.groups.control)
         if message.get(_STOP):
             return None
         return _prepare(worker, self.decoder.decode(message["delta"]))

@@ -18,6 +18,9 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 300.0
+# How long a rank waits for rank 0's next step: an idle engine is not a failed one. (A dead rank 0
+# closes its sockets, which ends the wait at once; a vanished launcher is caught by the rank's watchdog.)
+IDLE_TIMEOUT = timedelta(days=365)
 
 # torch >= 2.10 renamed all_gather_into_tensor; the old name warns there but is the only one before.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -105,11 +108,16 @@ class GroupCoordinator:
 
 @dataclass(frozen=True, eq=False)
 class ParallelGroups:
-    """This rank's view of the world: its tensor-parallel group and its pipeline group."""
+    """This rank's view of the world: its tensor-parallel group and its pipeline group.
+
+    `control` is the world again, for the control plane only: on ranks other than 0 its CPU group waits
+    `IDLE_TIMEOUT` for the first message of a step, while every collective inside a step keeps the
+    groups' timeout."""
 
     world: GroupCoordinator
     tp: GroupCoordinator
     pp: GroupCoordinator
+    control: GroupCoordinator
 
     @property
     def rank(self) -> int:
@@ -299,7 +307,12 @@ def build_parallel_groups(tensor_parallel_size: int, pipeline_parallel_size: int
     world = state.world
     if world.device != device:
         world = new_group_coordinator([list(range(world_size))], device)
-    return ParallelGroups(world=world, tp=tp, pp=pp)
+    # A group's timeout is each member's own: rank 0 only sends here and must not wait past the timeout
+    # on a stopped rank, while the others may wait for its next step for as long as the engine is idle.
+    idle_timeout = state.timeout if world.global_rank == 0 else IDLE_TIMEOUT
+    idle_cpu_group = dist.new_group(list(range(world_size)), backend="gloo", timeout=idle_timeout)
+    control = GroupCoordinator(world.ranks, world.global_rank, idle_cpu_group, world.device_group, device)
+    return ParallelGroups(world=world, tp=tp, pp=pp, control=control)
 
 
 def destroy_distributed() -> None:

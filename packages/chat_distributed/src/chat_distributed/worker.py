@@ -13,6 +13,7 @@ from chat_core.engine_config import EngineConfig
 from chat_core.worker.worker import Worker
 
 from chat_distributed.parallel_state import build_parallel_groups, destroy_distributed, init_distributed
+from chat_distributed.status_board import ALLOCATING, JOINING, LOADING, SERVING, STOPPED
 from chat_distributed.worker_base import LocalOrDistributedWorkerBase
 
 
@@ -68,17 +69,31 @@ class DistributedWorker(LocalOrDistributedWorkerBase, Worker):
 
 
 def serve_rank(
-    config: EngineConfig, *, rank: int, init_method: str | None, on_step: Callable[[], None] | None = None
+    config: EngineConfig,
+    *,
+    rank: int,
+    init_method: str | None,
+    on_phase: Callable[[int], None] | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> None:
-    """The life of a rank other than 0: join, load its weights, allocate its cache, run steps until told to stop."""
+    """The life of a rank other than 0: join, load its weights, allocate its cache, run steps until told to stop.
+
+    `on_phase` is told each phase as it begins (`status_board`'s JOINING ... STOPPED), `on_step` each step
+    served: the launcher's status board, so that a failure can name where a rank stood."""
     if rank == 0:
         raise ValueError("rank 0 runs the engine (DistributedExecutor), not the worker loop")
+    report = on_phase or (lambda phase: None)
     worker = DistributedWorker(config, rank=rank, init_method=init_method)
     try:
+        report(JOINING)
         worker.init_device()
+        report(LOADING)
         worker.load_model()
+        report(ALLOCATING)
         worker.initialize_cache(worker.determine_num_available_blocks())
+        report(SERVING)
         worker.start_worker_execution_loop(on_step=on_step)
+        report(STOPPED)
     finally:
         destroy_distributed()
 
