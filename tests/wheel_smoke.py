@@ -54,10 +54,15 @@ def main(argv: list[str]) -> int:
         ("pipeline_parallel_size=2", check_pipeline_parallel),
         ("safetensors + sentencepiece checkpoint", check_safetensors_checkpoint),
     ]
-    for name, step in steps:
+    for passed, (name, step) in enumerate(steps):
         started = time.perf_counter()
-        detail = step()
+        try:
+            detail = step()
+        except BaseException:
+            print(f"FAIL {name}\nsmoke: {passed} passed, 1 failed", flush=True)
+            raise
         print(f"ok   {name} ({time.perf_counter() - started:.1f} s){': ' + detail if detail else ''}", flush=True)
+    print(f"smoke: {len(steps)} passed, 0 failed")  # the closing line CI reads, like pytest's
     return 0
 
 
