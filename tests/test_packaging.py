@@ -154,3 +154,16 @@ def test_version_flag_prints_the_three_packages_and_torch() -> None:
     assert f"chat-core {metadata.version('chat-core')}" in lines
     assert f"chat-distributed {metadata.version('chat-distributed')}" in lines
     assert f"torch {metadata.version('torch')}" in lines
+
+
+def test_readme_states_the_declared_lower_bounds() -> None:
+    """The README's "Install from PyPI" section lists each lower bound that CI installs; keep them one."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = " ".join(f.read().split())
+    for folder in PACKAGES.values():
+        with open(os.path.join(ROOT, "packages", folder, "pyproject.toml"), "rb") as f:
+            dependencies = tomllib.load(f)["project"]["dependencies"]
+        for requirement in map(Requirement, dependencies):
+            for spec in requirement.specifier:
+                if spec.operator == ">=" and requirement.name != "torch":
+                    assert f"{requirement.name} {spec.version}" in readme, f"README.md does not state {requirement}"
