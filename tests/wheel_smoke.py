@@ -227,7 +227,7 @@ def write_tiny_llama(directory: str, vocab_size: int) -> None:
 
 
 def check_serve() -> str:
-    command = [console_script("chat-cli"), "serve", "--port", "0", "--max-tokens-limit", "16"]
+    command = [console_script("chat-cli"), "serve", "--host", "127.0.0.1", "--port", "0", "--max-tokens-limit", "16"]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
     lines: queue.Queue[str | None] = queue.Queue()
     output: list[str] = []
