@@ -61,7 +61,7 @@ def main(argv: list[str]) -> int:
         ("design-card line", check_design_card_line, True),  # gguf, numpy, tokenizers
         ("chat-cli generate", check_cli_generate, False),
         ("chat-cli serve", check_serve, True),  # fastapi, starlette, uvicorn, pydantic, prometheus-client, jinja2
-        ("pipeline_parallel_size=2", check_pipeline_parallel, False),
+        ("pipeline_parallel_size=2", check_pipeline_parallel, True),  # chat_distributed's own dependencies (process launch)
         ("safetensors + sentencepiece checkpoint", check_safetensors_checkpoint, True),  # safetensors, sentencepiece, jinja2
     ]
     passed = skipped = 0
