@@ -166,7 +166,7 @@ def write_sentencepiece_tokenizer(directory: str) -> int:
 
     import sentencepiece
 
-    words = "the quick brown fox jumps over a lazy dog hello world model token engine".split()
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "hello", "world", "model", "token", "engine"]
     lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(8)) for i in range(200)]
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
@@ -365,7 +365,7 @@ def console_script(name: str) -> str:
 
 
 def run_command(command: list[str], timeout: float) -> str:
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, f"{' '.join(command)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
     return result.stdout
 
