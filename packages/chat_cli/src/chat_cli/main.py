@@ -8,10 +8,12 @@ import sys
 from collections.abc import Sequence
 
 from chat_cli.options import add_engine_options, add_sampling_options, engine_kwargs
+from chat_cli.version import VersionAction
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chat-cli", description="Run Llama-family models locally or distributed.")
+    parser.add_argument("--version", action=VersionAction)
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="complete a prompt and print it as it is generated")

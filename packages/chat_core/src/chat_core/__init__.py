@@ -22,6 +22,8 @@ from chat_core.worker.model_runner_base import ModelInput, ModelRunnerBase
 from chat_core.worker.worker import Worker
 from chat_core.worker.worker_base import WorkerBase, WorkerInput
 
+__version__ = "0.1.0"  # the package's only version number: pyproject.toml reads it
+
 __all__ = [
     "AsyncEngine",
     "DEFAULT_MODEL",

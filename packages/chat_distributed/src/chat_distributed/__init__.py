@@ -11,6 +11,8 @@ from chat_distributed.processes import WorkerFailedError, WorkerProcesses
 from chat_distributed.worker import DistributedWorker, run_torchrun_worker, serve_rank
 from chat_distributed.worker_base import LocalOrDistributedWorkerBase
 
+__version__ = "0.1.0"  # the package's only version number: pyproject.toml reads it
+
 __all__ = [
     "BroadcastControlPlane",
     "ControlPlane",
