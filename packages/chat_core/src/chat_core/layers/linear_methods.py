@@ -22,7 +22,7 @@ from torch import nn
 
 from chat_core.checkpoint.tensor_source import TensorSource
 from chat_core.layers import cpu_gemm
-from chat_core.layers.weight_formats import Int4Groups, quantize_int4, quantize_int8
+from chat_core.layers.weight_formats import INT4_GROUP_SIZES, Int4Groups, quantize_int4, quantize_int8
 from chat_core.layers.weight_kernels import Int4Kernel, Int8Kernel, PackedInt4
 
 
@@ -148,15 +148,28 @@ class Int4Method(LinearMethod):
         self.kernel = Int4Kernel(self.device, compute_dtype)
 
     def create_weights(self, layer, output_size, input_size) -> None:
-        if input_size % self.group_size:
-            raise ValueError(
-                f"int4 groups of {self.group_size} do not divide this rank's {input_size} input features of "
-                f"{layer.__class__.__name__}; choose a group size that divides it (or a tensor-parallel size whose "
-                "split keeps whole groups on each rank)"
-            )
+        self.group_size = self._group_size_for(layer, input_size)
         layer.output_size, layer.input_size = output_size, input_size
         layer.int4_staging = []  # (row offset, Int4Groups) of each slice read, until finish()
         layer.packed_int4 = None
+
+    def _group_size_for(self, layer: nn.Module, input_size: int) -> int:
+        """The requested group size, or a smaller one where the layer's inputs are not a multiple of it.
+        A tensor-parallel split that would cut a group in two is refused instead."""
+        if input_size % self.group_size == 0:
+            return self.group_size
+        tp_size = getattr(getattr(layer, "tp", None), "size", 1)
+        split_inputs = getattr(layer, "input_size_per_rank", None) == input_size and tp_size > 1
+        if split_inputs and (input_size * tp_size) % self.group_size == 0:
+            raise ValueError(
+                f"int4 groups of {self.group_size} do not divide this rank's {input_size} input features of "
+                f"{layer.__class__.__name__} (tensor_parallel_size={tp_size} would cut groups in two); choose a "
+                f"group size that divides {input_size} or another tensor-parallel size"
+            )
+        smaller = [size for size in INT4_GROUP_SIZES if size < self.group_size and input_size % size == 0]
+        if not smaller:
+            raise ValueError(f"int4 needs input features divisible by {min(INT4_GROUP_SIZES)}; {layer.__class__.__name__} has {input_size}")
+        return max(smaller)
 
     def load(self, layer, source, dim, start, length, row_offset) -> None:
         groups = None

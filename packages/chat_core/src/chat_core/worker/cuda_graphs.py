@@ -7,10 +7,14 @@ and attend to one key there, so they never touch a real sequence), the graph rep
 of its output are returned. The model forward up to the final hidden states is in the graph; the LM head,
 the runner's hooks (`process_hidden_states`, `process_logits`) and the sampler run eagerly after it, so
 subclasses keep working. A tensor-parallel all-reduce (NCCL) is captured with the rest.
+
+With `capture=False` (any device) the same static buffers, padding and buckets run eagerly: that is how
+the test suite checks them on a machine without a GPU (with the Triton kernel under its interpreter).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,8 +35,9 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
 
 
 class CudaGraphDecoder:
-    def __init__(self, runner: LlamaModelRunner, kv_caches: list[torch.Tensor]) -> None:
+    def __init__(self, runner: LlamaModelRunner, kv_caches: list[torch.Tensor], *, capture: bool = True) -> None:
         assert runner.model is not None
+        self.capture = capture
         model, device, block_size = runner.model, runner.device, runner.block_size
         self.buckets = batch_buckets(runner.engine_config.max_num_seqs)
         self.max_blocks = -(-runner.max_model_len // block_size)
@@ -46,6 +51,7 @@ class CudaGraphDecoder:
         self.block_tables = torch.full((max_seqs, self.max_blocks), self.scratch_block, dtype=torch.int64, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.forwards: dict[int, Callable[[], torch.Tensor]] = {}
         pool = None
         with torch.inference_mode():
             for bucket in reversed(self.buckets):  # largest first: the smaller ones reuse its memory pool
@@ -60,6 +66,9 @@ class CudaGraphDecoder:
                 def forward(bucket: int = bucket, metadata: TritonDecodeMetadata = metadata) -> torch.Tensor:
                     return model(self.input_ids[:bucket], self.positions[:bucket], kv_caches, metadata)
 
+                self.forwards[bucket] = forward
+                if not capture:
+                    continue
                 forward()  # warm-up outside the graph: kernels compiled, workspaces allocated
                 torch.cuda.synchronize(device)
                 graph = torch.cuda.CUDAGraph()
@@ -92,5 +101,7 @@ class CudaGraphDecoder:
         # Padding rows (left over from a bigger step) go back to the scratch block.
         self.slot_mapping[batch:bucket].fill_(self.scratch_slot)
         self.seq_lens[batch:bucket].fill_(1)
+        if not self.capture:
+            return self.forwards[bucket]()[:batch]
         self.graphs[bucket].replay()
         return self.outputs[bucket][:batch]

@@ -106,7 +106,7 @@ class LlamaModelRunner(ModelRunnerBase[LlamaModelInput]):
             # The rest stays untouched, so memory is only committed as the cache fills.
             cache[:, num_blocks * self.block_size :].zero_()
         if self.cuda_graphs_enabled:
-            self.decode_graphs = CudaGraphDecoder(self, caches)
+            self.decode_graphs = CudaGraphDecoder(self, caches, capture=self.device.type == "cuda")
         return caches
 
     @property

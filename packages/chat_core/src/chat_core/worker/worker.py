@@ -42,6 +42,8 @@ class Worker(WorkerBase):
     def init_device(self) -> None:
         self.device = torch.device(self.engine_config.device)
         if self.device.type == "cuda":
+            if self.device.index is None:  # "cuda": the current device, named, so every tensor agrees on it
+                self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
         torch.manual_seed(self.engine_config.seed)
 

@@ -1,0 +1,190 @@
+"""The decode attention kernels against the padded reference, and the bucketed (CUDA-graph) decode path.
+
+The Triton kernel runs under Triton's CPU interpreter here (TRITON_INTERPRET=1, set before the kernel
+module is imported): the same kernel code a GPU compiles, checked without one.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from chat_core import Engine, LlamaModelRunner, SamplingParams  # noqa: E402
+from chat_core.layers.attention import AttentionMetadata, BlockwiseDecodeMetadata, TritonDecodeMetadata  # noqa: E402
+from chat_core.worker.cuda_graphs import batch_buckets  # noqa: E402
+
+
+@st.composite
+def decode_batches(draw, block_sizes=(16, 32)):
+    block_size = draw(st.sampled_from(block_sizes))
+    num_kv_heads = draw(st.sampled_from([1, 2, 3]))
+    group = draw(st.sampled_from([1, 2, 3, 4]))
+    head_dim = draw(st.sampled_from([16, 32, 64]))
+    lens = draw(st.lists(st.integers(1, 5 * block_size), min_size=1, max_size=6))
+    window = draw(st.one_of(st.none(), st.integers(1, 3 * block_size)))
+    seed = draw(st.integers(0, 2**16))
+    return block_size, num_kv_heads, group, head_dim, lens, window, seed
+
+
+def make_case(block_size, num_kv_heads, group, head_dim, lens, seed):
+    generator = torch.Generator().manual_seed(seed)
+    widths = [-(-n // block_size) for n in lens]
+    num_blocks = sum(widths) + 3
+    # Every slot no sequence has written holds NaN: kernels must never let it into a result.
+    key_cache = torch.full((num_blocks * block_size, num_kv_heads, head_dim), float("nan"))
+    value_cache = torch.full_like(key_cache, float("nan"))
+    order = torch.randperm(num_blocks, generator=generator)
+    tables = torch.full((len(lens), max(widths)), int(order[-1]))  # padded with a block nobody owns
+    used = 0
+    for row, (n, width) in enumerate(zip(lens, widths)):
+        tables[row, :width] = order[used : used + width]
+        used += width
+        slots = tables[row, torch.arange(n) // block_size] * block_size + torch.arange(n) % block_size
+        key_cache[slots] = torch.randn(n, num_kv_heads, head_dim, generator=generator)
+        value_cache[slots] = torch.randn(n, num_kv_heads, head_dim, generator=generator)
+    # The reference (padded) path reads padding from one finite slot: give it one.
+    pad_slot = int(order[-1]) * block_size
+    key_cache[pad_slot] = 0.0
+    value_cache[pad_slot] = 0.0
+    q = torch.randn(len(lens), num_kv_heads * group, head_dim, generator=generator)
+    return q, key_cache, value_cache, tables, pad_slot
+
+
+def attend(kernel, q, key_cache, value_cache, tables, lens, block_size, window, pad_slot):
+    metadata = AttentionMetadata.build(
+        query_start_loc=torch.arange(len(lens) + 1),
+        seq_lens=torch.tensor(lens),
+        block_tables=tables,
+        slot_mapping=torch.zeros(len(lens), dtype=torch.int64),
+        block_size=block_size,
+        max_query_len=1,
+        max_seq_len=max(lens),
+        sliding_window=window,
+        pad_slot=pad_slot,
+        decode_kernel=kernel,
+    )
+    return metadata, metadata.attend(q, key_cache, value_cache, q.shape[-1] ** -0.5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(decode_batches(block_sizes=(4, 8, 16)))
+def test_blockwise_decode_matches_the_padded_reference(case):
+    block_size, num_kv_heads, group, head_dim, lens, window, seed = case
+    q, key_cache, value_cache, tables, pad_slot = make_case(block_size, num_kv_heads, group, head_dim, lens, seed)
+    _, expected = attend("padded", q, key_cache, value_cache, tables, lens, block_size, window, pad_slot)
+    metadata, out = attend("blockwise", q, key_cache, value_cache, tables, lens, block_size, window, pad_slot)
+    assert isinstance(metadata, BlockwiseDecodeMetadata)
+    # It reads the blocks the sequences use and nothing else: work grows with the tokens cached.
+    assert metadata.blocks.numel() == sum(-(-n // block_size) for n in lens)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=25, deadline=None)
+@given(decode_batches())
+def test_triton_decode_matches_the_padded_reference(case):
+    block_size, num_kv_heads, group, head_dim, lens, window, seed = case
+    q, key_cache, value_cache, tables, pad_slot = make_case(block_size, num_kv_heads, group, head_dim, lens, seed)
+    _, expected = attend("padded", q, key_cache, value_cache, tables, lens, block_size, window, pad_slot)
+    metadata, out = attend("triton", q, key_cache, value_cache, tables, lens, block_size, window, pad_slot)
+    assert isinstance(metadata, TritonDecodeMetadata)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_buckets():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(6) == [1, 2, 4, 6]
+    assert batch_buckets(64) == [1, 2, 4, 8, 16, 32, 64]
+
+
+class Recorder(LlamaModelRunner):
+    """Keeps every sampled row's logits, keyed by sequence."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.logits: dict[int, list[torch.Tensor]] = {}
+
+    def process_logits(self, logits, model_input):
+        for row, seq_id in enumerate(model_input.sampled_seq_ids):
+            self.logits.setdefault(seq_id, []).append(logits[row].clone())
+        return logits
+
+
+class BucketedRecorder(Recorder):
+    """Decode steps through the CUDA-graph path's static buffers, padding and buckets, run eagerly on the
+    CPU (no capture), with the Triton kernel under its interpreter."""
+
+    @property
+    def cuda_graphs_enabled(self) -> bool:
+        return True
+
+
+PROMPTS = [[5, 17, 33, 9, 100, 200, 250, 31, 64], [3, 4], list(range(40, 90)), [7] * 21, [11, 12, 13]]
+
+
+def run(directory: str, runner_cls, **options):
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (3, 17, 9, 24, 12)]  # join and leave
+    with Engine.from_pretrained(directory, dtype="float32", block_size=16, max_num_seqs=6, model_runner_cls=runner_cls, **options) as engine:
+        outputs = engine.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
+        runner = engine.executor.worker.model_runner
+        graphs = runner.decode_graphs
+        return [o.token_ids for o in outputs], runner.logits, graphs
+
+
+@pytest.mark.parametrize("family", ["llama", "llama3", "mistral", "qwen2", "llama_tied"])
+def test_bucketed_decode_gives_the_eager_tokens_and_logits(tiny_checkpoints, family):
+    directory, _ = tiny_checkpoints(family)
+    expected_tokens, expected_logits, none = run(directory, Recorder)
+    assert none is None  # on CPU the default runner decodes eagerly
+    tokens, logits, graphs = run(directory, BucketedRecorder)
+    assert graphs is not None and graphs.buckets == [1, 2, 4, 6]
+    assert tokens == expected_tokens
+    for seq_id, rows in expected_logits.items():
+        torch.testing.assert_close(torch.stack(logits[seq_id]), torch.stack(rows), atol=1e-4, rtol=0)
+
+
+def test_bucketed_decode_under_preemption_and_chunked_prefill(tiny_checkpoints):
+    directory, _ = tiny_checkpoints("llama")
+    expected, _, _ = run(directory, Recorder)
+    bytes_per_block = 4 * 16 * 2 * 16 * 4 * 4  # layers * block * (k,v) * head_dim * kv_heads * float32
+    tokens, _, _ = run(directory, BucketedRecorder, kv_cache_memory_gib=9 * bytes_per_block / 2**30, max_num_batched_tokens=16)
+    assert tokens == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: captures and replays real CUDA graphs")
+@pytest.mark.parametrize("family", ["llama", "mistral", "llama_tied"])
+def test_cuda_graph_decode_gives_the_eager_tokens_and_logits_on_a_gpu(tiny_checkpoints, family):
+    directory, _ = tiny_checkpoints(family)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (3, 17, 9, 24, 12)]
+    results = {}
+    for eager in (True, False):
+        with Engine.from_pretrained(directory, device="cuda", dtype="float32", max_num_seqs=6, enforce_eager=eager, model_runner_cls=Recorder) as engine:
+            outputs = engine.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
+            runner = engine.executor.worker.model_runner
+            assert (runner.decode_graphs is None) == eager
+            results[eager] = ([o.token_ids for o in outputs], runner.logits)
+    assert results[True][0] == results[False][0]
+    for seq_id, rows in results[True][1].items():
+        torch.testing.assert_close(torch.stack(results[False][1][seq_id]), torch.stack(rows), atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_cuda_without_an_index_and_the_cpu_give_the_same_tokens(tiny_checkpoints):
+    directory, _ = tiny_checkpoints("llama")
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    with Engine.from_pretrained(directory, device="cpu", dtype="float32") as cpu:
+        expected = [o.token_ids for o in cpu.generate(prompts, params)]
+    for quantization in (None, "int4", "int8"):
+        with Engine.from_pretrained(directory, device="cuda", dtype="float32", quantization=quantization) as gpu:
+            assert gpu.executor.worker.device.index is not None
+            tokens = [o.token_ids for o in gpu.generate(prompts, params)]
+            if quantization is None:
+                assert tokens == expected
+            else:
+                assert all(len(t) == 16 for t in tokens)

@@ -1,0 +1,252 @@
+"""Weight-only quantization: formats within their rounding bounds, kernels against plain float math, GGUF
+Q4 tensors repacked exactly, whole models against their dense selves, and one copy of every weight."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from gguf_writer import write_gguf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from chat_core import Engine, SamplingParams, open_checkpoint
+from chat_core.checkpoint.tensor_source import InMemoryTensor
+from chat_core.layers.attention import AttentionMetadata
+from chat_core.layers.linear import ColumnParallelLinear, RowParallelLinear
+from chat_core.layers.linear_methods import Int4Method, Int8Method
+from chat_core.layers.weight_formats import INT4_GROUP_SIZES, quantize_int4, quantize_int8
+from chat_core.layers.weight_kernels import Int4Kernel, Int8Kernel
+from chat_core.models.llama import LlamaForCausalLM
+from chat_core.quantization import QuantizationPlan
+
+CPU = torch.device("cpu")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def random_weight(rows: int, cols: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    # A heavy-ish tail, as real weights have: a few large values per row stretch the ranges.
+    return torch.randn(rows, cols, generator=generator) * torch.rand(rows, 1, generator=generator) + torch.randn(
+        rows, cols, generator=generator
+    ).pow(3) * 0.05
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 80),
+    groups=st.integers(1, 6),
+    group_size=st.sampled_from(INT4_GROUP_SIZES),
+    kernel_dtype=st.sampled_from(list(DTYPES)),
+    seed=st.integers(0, 2**16),
+)
+def test_int4_groups_are_within_half_a_step_of_the_weights(rows, groups, group_size, kernel_dtype, seed):
+    weight = random_weight(rows, groups * group_size, seed)
+    quantized = quantize_int4(weight, group_size, round_to=DTYPES[kernel_dtype])
+    error = (quantized.dequantize() - weight).abs().view(rows, groups, group_size)
+    step = quantized.scale.unsqueeze(-1)
+    # Half a step, plus (kernel in bfloat16) the rounding of the scale and zero the kernel stores: 2^-8 relative.
+    slack = 0.0 if kernel_dtype == "float32" else 2**-8 * (8 * step + quantized.zero.abs().unsqueeze(-1))
+    assert bool((error <= 0.5 * step * (1 + 1e-5) + slack + 1e-6).all())
+    assert int(quantized.q.max()) <= 15
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 80), cols=st.integers(1, 200), kernel_dtype=st.sampled_from(list(DTYPES)), seed=st.integers(0, 2**16))
+def test_int8_channels_are_within_half_a_step_of_the_weights(rows, cols, kernel_dtype, seed):
+    weight = random_weight(rows, cols, seed)
+    quantized = quantize_int8(weight, round_to=DTYPES[kernel_dtype])
+    error = (quantized.dequantize() - weight).abs()
+    step = quantized.scale.unsqueeze(1)
+    # A bfloat16 scale may be up to 2^-8 short of absmax / 127: the largest value clips by at most 127 of that.
+    slack = 0.0 if kernel_dtype == "float32" else 127 * 2**-8 * step
+    assert bool((error <= 0.5 * step * (1 + 1e-5) + slack + 1e-7).all())
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    out_blocks=st.integers(1, 5),
+    extra_rows=st.integers(0, 63),
+    groups=st.integers(1, 4),
+    group_size=st.sampled_from(INT4_GROUP_SIZES),
+    batch=st.integers(1, 9),
+    seed=st.integers(0, 2**16),
+)
+def test_the_int4_kernel_multiplies_by_the_stored_weights_and_reads_rows_back(out_blocks, extra_rows, groups, group_size, batch, seed):
+    rows = 16 * out_blocks + extra_rows  # any row count: the kernel's row blocks are padded
+    weight = random_weight(rows, groups * group_size, seed)
+    kernel = Int4Kernel(CPU, compute_dtype=torch.float32)  # exact products: compare with float math
+    quantized = quantize_int4(weight, group_size)
+    packed = kernel.pack(quantized)
+    dense = quantized.dequantize()
+    x = torch.randn(batch, weight.shape[1], generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(kernel.matmul(x, packed), x @ dense.T, atol=1e-4, rtol=1e-5)
+    assert kernel.can_read_rows
+    row_ids = torch.randint(0, rows, (7,), generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(kernel.read_rows(packed, row_ids, torch.float32), dense[row_ids], atol=1e-6, rtol=0)
+    # And the fast kernel (bfloat16 products) stays within bfloat16's rounding of the same result.
+    fast = Int4Kernel(CPU)
+    y = fast.matmul(x, fast.pack(quantized))
+    reference = x @ dense.T
+    assert float((y - reference).abs().max()) <= 2**-6 * float(reference.abs().max()) + 1e-3
+
+
+def test_the_int8_kernel_multiplies_by_the_stored_weights():
+    weight = random_weight(40, 96, 0)
+    quantized = quantize_int8(weight)
+    kernel = Int8Kernel(CPU, compute_dtype=torch.float32)
+    q, scale = kernel.pack(quantized)
+    x = torch.randn(5, 96)
+    torch.testing.assert_close(kernel.matmul(x, q, scale), x @ quantized.dequantize().T, atol=1e-4, rtol=1e-5)
+    rows = torch.tensor([0, 39, 7])
+    torch.testing.assert_close(kernel.read_rows(q, scale, rows, torch.float32), quantized.dequantize()[rows])
+
+
+@pytest.mark.parametrize("method_name", ["int8", "int4"])
+def test_a_quantized_layer_is_within_the_rounding_bound_of_the_dense_one(method_name):
+    torch.manual_seed(0)
+    weights = [random_weight(48, 128, seed) for seed in (1, 2)]  # two fused outputs, like gate/up
+    method = (
+        Int8Method(torch.float32, CPU, compute_dtype=torch.float32)
+        if method_name == "int8"
+        else Int4Method(torch.float32, CPU, 32, compute_dtype=torch.float32)
+    )
+    layer = ColumnParallelLinear(128, [48, 48], method=method)
+    for shard, weight in enumerate(weights):
+        layer.load_shard("weight", InMemoryTensor(weight), shard)
+    x = torch.randn(6, 128)
+    dense = torch.cat(weights)
+    if method_name == "int8":
+        step = (dense.abs().amax(dim=1) / 127).unsqueeze(1).expand_as(dense)
+    else:
+        groups = dense.view(96, -1, 32)
+        step = ((groups.amax(-1) - groups.amin(-1)) / 15).repeat_interleave(32, dim=1)
+    bound = x.abs() @ (0.5 * step).T * (1 + 1e-4) + 1e-4  # |sum_k x_k e_k| <= sum_k |x_k| |e_k|
+    assert bool(((layer(x) - x @ dense.T).abs() <= bound).all())
+    assert not [name for name, _ in layer.named_parameters() if name == "weight"], "the float weight is not kept"
+
+
+def test_int4_groups_may_not_straddle_a_tensor_parallel_split():
+    class TwoRanks:  # only the layer's slice arithmetic is exercised: no collective runs
+        rank, size = 0, 2
+
+        def all_reduce(self, tensor):
+            return tensor
+
+        def all_gather(self, tensor, dim=-1):
+            return tensor
+
+    # 384 inputs hold 3 groups of 128, but half of them (192) would cut the second group in two.
+    with pytest.raises(ValueError, match="int4 groups of 128 do not divide this rank's 192 input features .* cut groups"):
+        RowParallelLinear(384, 64, tp=TwoRanks(), method=Int4Method(torch.float32, CPU, 128))
+    RowParallelLinear(384, 64, tp=TwoRanks(), method=Int4Method(torch.float32, CPU, 64))  # 192 = 3 x 64: fine
+    # Without a split, inputs that are not a multiple of the group size take the largest group that fits.
+    layer = ColumnParallelLinear(160, [32], method=Int4Method(torch.float32, CPU, 128))
+    assert layer.method.group_size == 32
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_gguf_q4_tensors_are_repacked_not_requantized(tmp_path, tiny_checkpoints, qtype):
+    import numpy as np
+    from gguf.quants import dequantize
+
+    path = str(tmp_path / f"tiny-{qtype}.gguf")
+    write_gguf(path, tiny_checkpoints("llama_tied")[1], qtype)
+    checkpoint = open_checkpoint(path)
+    tensor = dict(checkpoint.tensors())["model.layers.1.mlp.down_proj.weight"]
+    groups = tensor.read_int4_groups(None)
+    expected = dequantize(np.ascontiguousarray(tensor._tensor.data), tensor._tensor.tensor_type).reshape(tensor.shape)
+    expected = torch.from_numpy(np.ascontiguousarray(expected))
+    if qtype == "Q4_0":  # w = d (q - 8): the same float operations as gguf's
+        assert torch.equal(groups.dequantize(), expected)
+    else:  # gguf computes d q + m, we d (q - 8) + (m + 8 d): equal up to float32 rounding
+        torch.testing.assert_close(groups.dequantize(), expected, atol=0, rtol=2**-22)
+    kernel = Int4Kernel(CPU, compute_dtype=torch.float32)
+    packed = kernel.pack(groups)
+    rows = torch.arange(tensor.shape[0])
+    assert torch.equal(kernel.read_rows(packed, rows, torch.float32), groups.dequantize())
+    # Slices along either dimension read the same groups as the whole.
+    top = tensor.read_int4_groups(0, 8, 16)
+    assert torch.equal(top.q, groups.q[8:24]) and torch.equal(top.scale, groups.scale[8:24])
+    right = tensor.read_int4_groups(1, 32, 64)
+    assert torch.equal(right.q, groups.q[:, 32:96]) and torch.equal(right.zero, groups.zero[:, 1:3])
+    assert tensor.read_int4_groups(1, 16, 32) is None  # not on a group boundary: not readable as groups
+
+
+def all_position_logits(directory: str, tokens: list[int], plan: QuantizationPlan) -> torch.Tensor:
+    """Teacher-forced logits at every position of `tokens` (one prefill), for the model built with `plan`."""
+    checkpoint = open_checkpoint(directory)
+    model = LlamaForCausalLM(checkpoint.config, max_positions=512, quantization=plan)
+    model.load_weights(checkpoint.tensors())
+    n, block_size = len(tokens), 16
+    blocks = -(-n // block_size)
+    caches = [torch.zeros(2, blocks * block_size, model.num_kv_heads_per_rank, checkpoint.config.head_dim) for _ in model.layers]
+    metadata = AttentionMetadata.build(
+        query_start_loc=torch.tensor([0, n]),
+        seq_lens=torch.tensor([n]),
+        block_tables=torch.arange(blocks).view(1, -1),
+        slot_mapping=torch.arange(n),
+        block_size=block_size,
+        max_query_len=n,
+        max_seq_len=n,
+    )
+    with torch.no_grad():
+        return model.compute_logits(model(torch.tensor(tokens), torch.arange(n), caches, metadata)).float()
+
+
+# Measured on these tiny random models and this text (float32 activations, bfloat16 quantized products):
+# teacher-forced top-1 agreement with the dense model 97-98% (int8), 69-77% (int4: a random model's logits
+# are nearly flat, median top-1/top-2 gap 0.03, so near-ties flip); perplexity within 0.1% (int8) and
+# 0.5% (int4) of the dense model's (~320).
+MARGINS = {"int8": (0.9, 0.01), "int4": (0.6, 0.02)}
+
+
+@pytest.mark.parametrize("family", ["llama", "llama3"])
+@pytest.mark.parametrize("mode", list(MARGINS))
+def test_quantized_model_agrees_with_its_dense_self_on_a_fixed_text(tiny_checkpoints, family, mode):
+    directory, _ = tiny_checkpoints(family)
+    text = [(37 * i * i + 11 * i + 5) % 310 + 5 for i in range(200)]  # a fixed pseudo-random text
+    dense = all_position_logits(directory, text, QuantizationPlan())
+    quantized = all_position_logits(directory, text, QuantizationPlan(mode=mode))
+    agreement = float((dense.argmax(-1) == quantized.argmax(-1)).float().mean())
+
+    def perplexity(logits: torch.Tensor) -> float:
+        return math.exp(float(torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(text[1:]))))
+
+    min_agreement, max_ppl_change = MARGINS[mode]
+    assert agreement >= min_agreement, agreement
+    assert abs(perplexity(quantized) / perplexity(dense) - 1) <= max_ppl_change, (perplexity(quantized), perplexity(dense))
+
+
+def test_quantization_is_chosen_per_layer_and_the_engine_generates(tiny_checkpoints):
+    directory, _ = tiny_checkpoints("llama_tied")
+    prompt = {"prompt_token_ids": list(range(5, 40))}
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    with Engine.from_pretrained(directory, quantization="int4", quantization_group_size=32) as engine:
+        model = engine.executor.worker.model_runner.model
+        assert engine.config.quantization == "int4" and engine.config.dtype == "float32"
+        assert model.embed_tokens is model.lm_head and model.lm_head.method.name == "int8"  # tied: one int8 table
+        assert {layer.mlp.down_proj.method.name for layer in model.layers} == {"int4"}
+        tokens = engine.generate(prompt, params)[0].token_ids
+    assert len(tokens) == 12 and all(0 <= t < 320 for t in tokens)  # quality: see the perplexity test above
+
+
+def test_the_default_model_keeps_one_copy_of_each_weight(smollm2_path):
+    """Q4_1 matrices stay 4-bit (0.5 byte a weight, plus a bfloat16 scale and zero per 32), everything
+    else is dense float32; nothing is kept twice (no float copy beside a packed one)."""
+    with Engine.from_pretrained(smollm2_path) as engine:
+        model = engine.executor.worker.model_runner.model
+        formats = engine.checkpoint.tensor_formats()
+        shapes = {name: tensor.shape for name, tensor in engine.checkpoint.tensors()}
+        held = {id(t): t for t in [*model.parameters(), *model.buffers()] if t is not None}
+        rotary = {id(model.rotary.cos_cache), id(model.rotary.signed_sin_cache)}
+        weight_bytes = sum(t.numel() * t.element_size() for key, t in held.items() if key not in rotary)
+    expected = 0
+    for name, shape in shapes.items():
+        numel = math.prod(shape)
+        expected += numel // 2 + numel // 32 * 4 if formats[name] in ("Q4_0", "Q4_1") else numel * 4
+    # The only slack: int4 rows padded to the kernel's blocks of 64 (q/k/v fused: 960 rows -> 1024).
+    padding = sum(64 * layer.self_attn.qkv_proj.input_size * (0.5 + 4 / 32) for layer in model.layers)
+    assert expected <= weight_bytes <= expected + padding, (weight_bytes, expected)
+    assert sum(formats[name] == "Q4_1" for name in shapes) == 210  # every Q4_1 matrix of the file was kept packed
