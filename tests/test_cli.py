@@ -57,3 +57,16 @@ def test_a_missing_model_is_a_clear_error(tmp_path):
     result = chat_cli("generate", "--model", missing, "hi")
     assert result.returncode == 2
     assert missing in result.stderr and "Traceback" not in result.stderr
+
+
+def test_quantize_and_enforce_eager_reach_the_engine(tiny_chat_model):
+    result = chat_cli(
+        "generate", "--model", tiny_chat_model, "--quantize", "int4", "--group-size", "32", "--enforce-eager",
+        "--temperature", "0", "--max-tokens", "8", "hello world",
+    )
+    assert result.returncode == 0, result.stderr
+    with Engine.from_pretrained(tiny_chat_model, quantization="int4", quantization_group_size=32) as engine:
+        expected = engine.generate("hello world", SamplingParams(temperature=0, max_tokens=8))[0].text
+    assert result.stdout == expected + "\n"
+    bad = chat_cli("generate", "--model", tiny_chat_model, "--quantize", "int3", "hello")
+    assert bad.returncode != 0 and "int3" in bad.stderr

@@ -11,8 +11,18 @@ from chat_core import DEFAULT_MODEL, SamplingParams
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=DEFAULT_MODEL, help=f"directory, .gguf file or alias (default: {DEFAULT_MODEL})")
-    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    group.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="activations (auto: float32 on CPU, bfloat16 on CUDA)"
+    )
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    group.add_argument(
+        "--quantize",
+        default="auto",
+        choices=["auto", "none", "int8", "int4", "gguf"],
+        help="weight-only quantization (auto: a GGUF's Q4 tensors stay 4-bit, other checkpoints dense)",
+    )
+    group.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128], help="int4 group size (default 32)")
+    group.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     group.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, at most 8192)")
     group.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
     group.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages")
@@ -40,6 +50,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "tensor_parallel_size": args.tp,
         "pipeline_parallel_size": args.pp,
         "control_plane": args.control_plane,
+        "quantization": args.quantize,
+        "quantization_group_size": args.group_size,
+        "enforce_eager": args.enforce_eager,
     }
     if args.max_model_len is not None:
         kwargs["max_model_len"] = args.max_model_len
