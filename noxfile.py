@@ -146,7 +146,8 @@ def demo(session: nox.Session) -> None:
 
 
 BENCHMARKS = {
-    "generate": "benchmarks/bench_generate.py",  # engine vs transformers: decode tokens/s, TTFT, load, memory
+    "generate": "benchmarks/bench_generate.py",  # weight formats vs transformers: decode tokens/s, TTFT, load, memory
+    "quality": "benchmarks/bench_quality.py",  # perplexity and top-1 agreement of each weight format
     "serving": "benchmarks/bench_serving.py",  # chat-cli serve under 1, 8, 32 concurrent clients
     "control-plane": "benchmarks/bench_control_plane.py",  # broadcast vs SPMD at tp=2 and pp=2
 }

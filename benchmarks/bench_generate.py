@@ -1,11 +1,25 @@
-"""Our engine against Hugging Face transformers on SmolLM2-135M-Instruct, in the same run.
+"""Decode speed, time to first token, load time and memory: our engine's weight formats against
+Hugging Face transformers, in the same run.
 
-Each (implementation, dtype) runs in its own process so load time and peak memory are its own.
-Reports load time, time to first token (32-token prompt), decode tokens/s at batch 1 and batch 8
-(128 new tokens, median of several passes), and peak resident memory; prints a table and writes
-JSON to benchmarks/results/generate.json.
+CPU (default): SmolLM2-135M-Instruct from the packaged GGUF (Q4_1), as
+- chat / gguf      the file's Q4 weights kept packed (the default), float32 activations
+- chat / int8      a Hugging Face checkpoint of the same weights (written by this script), int8 per channel
+- chat / int4      the same checkpoint, int4 in groups of 32
+- chat / float32, chat / bfloat16   dense weights (the GGUF dequantized at load)
+- transformers / float32, bfloat16  reading the same GGUF
+`--compare-tree DIR` adds rows for another checkout of this repository (e.g. the previous release,
+`git worktree add /tmp/base <commit>`), run from its own sources in the same run.
 
-    python benchmarks/bench_generate.py [--passes 3] [--new-tokens 128] [--dtypes float32 bfloat16]
+GPU (`--device cuda --random-weights llama-3.2-1b`): a random-weight checkpoint of Llama-3.2-1B's shape
+(made here and cached in a temporary directory: nothing is downloaded), bfloat16, batches 1, 8, 64 and 256,
+CUDA graphs and eager, dense and int4, against transformers.
+
+Each configuration runs in its own process (its load time and memory are its own); the whole set runs
+`--rounds` times in alternating order and each figure is the median over rounds (this machine is shared and
+noisy). Prints a table and writes JSON to benchmarks/results/generate[-cuda].json.
+
+    python benchmarks/bench_generate.py [--rounds 2] [--passes 3] [--new-tokens 128] [--only gguf int8 ...]
+    python benchmarks/bench_generate.py --device cuda --random-weights llama-3.2-1b
 """
 
 from __future__ import annotations
@@ -17,13 +31,59 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass, field
 
 PROMPT_TOKENS = 32
 PROMPT_TEXT = (
     "The history of the printing press begins in the fifteenth century, when movable type changed how "
     "books were made, how ideas travelled across Europe, and how people learned to read and write."
 )
+LLAMA_32_1B = dict(
+    hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+    vocab_size=128256, max_position_embeddings=4096, rope_theta=500000.0, tie_word_embeddings=True, head_dim=64,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    impl: str  # "chat" or "transformers"
+    checkpoint: str  # "gguf" or "hf" (the HF directory this script writes) or "random"
+    options: dict = field(default_factory=dict)
+    tree: str | None = None  # another checkout's sources (chat only)
+
+
+def cpu_configs(compare_tree: str | None) -> list[Config]:
+    configs = [
+        Config("chat gguf (default)", "chat", "gguf", {}),
+        Config("chat int8", "chat", "hf", {"quantization": "int8"}),
+        Config("chat int4 g32", "chat", "hf", {"quantization": "int4", "quantization_group_size": 32}),
+        Config("chat float32", "chat", "gguf", {"quantization": None, "dtype": "float32"}),
+        Config("chat bfloat16", "chat", "gguf", {"quantization": None, "dtype": "bfloat16"}),
+        Config("chat gguf bf16 act.", "chat", "gguf", {"dtype": "bfloat16"}),
+        Config("transformers float32", "transformers", "gguf", {"dtype": "float32"}),
+        Config("transformers bfloat16", "transformers", "gguf", {"dtype": "bfloat16"}),
+    ]
+    if compare_tree:
+        configs += [
+            Config("baseline float32", "chat", "gguf", {"dtype": "float32"}, tree=compare_tree),
+            Config("baseline bfloat16", "chat", "gguf", {"dtype": "bfloat16"}, tree=compare_tree),
+        ]
+    return configs
+
+
+GPU = {"device": "cuda", "kv_cache_memory_gib": 8.0}  # batch 256 x 160 tokens of a 1B model's cache: 1.3 GiB
+
+
+def cuda_configs() -> list[Config]:
+    return [
+        Config("chat bf16 graphs", "chat", "random", {**GPU, "dtype": "bfloat16"}),
+        Config("chat bf16 eager", "chat", "random", {**GPU, "dtype": "bfloat16", "enforce_eager": True}),
+        Config("chat int4 graphs", "chat", "random", {**GPU, "dtype": "bfloat16", "quantization": "int4", "quantization_group_size": 128}),
+        Config("transformers bf16", "transformers", "random", {"device": "cuda", "dtype": "bfloat16"}),
+    ]
 
 
 def smollm2_path() -> str:
@@ -32,7 +92,45 @@ def smollm2_path() -> str:
     return resolve_alias("smollm2-135m-instruct")
 
 
-def prompt_ids() -> list[int]:
+def hf_copy_of_smollm2(directory: str) -> str:
+    """SmolLM2's weights as a Hugging Face directory (float32 safetensors): what int8/int4 quantize from."""
+    if os.path.exists(os.path.join(directory, "model.safetensors")):
+        return directory
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.split(smollm2_path())
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(directory)
+    return directory
+
+
+def random_llama_1b(directory: str) -> str:
+    """A random checkpoint of Llama-3.2-1B's shape (bfloat16 safetensors), made once per temporary directory."""
+    if os.path.exists(os.path.join(directory, "model.safetensors")):
+        return directory
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**LLAMA_32_1B, bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16")
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(directory)
+    return directory
+
+
+def checkpoint_path(config: Config, work_dir: str) -> str:
+    if config.checkpoint == "gguf":
+        return smollm2_path()
+    if config.checkpoint == "hf":
+        return hf_copy_of_smollm2(os.path.join(work_dir, "smollm2-hf"))
+    return random_llama_1b(os.path.join(work_dir, "llama-3.2-1b-random"))
+
+
+def prompt_ids(vocab_size: int) -> list[int]:
+    if vocab_size == LLAMA_32_1B["vocab_size"]:
+        return [(7919 * i) % 120000 + 100 for i in range(PROMPT_TOKENS)]
     from chat_core import open_checkpoint
 
     ids = open_checkpoint(smollm2_path()).load_tokenizer().encode(PROMPT_TEXT)
@@ -40,15 +138,20 @@ def prompt_ids() -> list[int]:
     return ids[:PROMPT_TOKENS]
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def rss_mib() -> tuple[float, float]:
+    """(peak, current) resident memory of this process."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open("/proc/self/statm") as f:
+        current = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return peak, current
 
 
 class OurEngine:
-    def __init__(self, dtype: str) -> None:
+    def __init__(self, path: str, options: dict) -> None:
         from chat_core import Engine
 
-        self.engine = Engine.from_pretrained(smollm2_path(), dtype=dtype)
+        self.engine = Engine.from_pretrained(path, max_num_seqs=256, **options)
+        self.vocab_size = self.engine.model_config.vocab_size
 
     def run(self, ids: list[int], batch: int, new_tokens: int) -> None:
         from chat_core import SamplingParams
@@ -59,16 +162,23 @@ class OurEngine:
 
 
 class Transformers:
-    def __init__(self, dtype: str) -> None:
+    def __init__(self, path: str, options: dict) -> None:
         import torch
         from transformers import AutoModelForCausalLM
 
-        directory, name = os.path.split(smollm2_path())
         self.torch = torch
-        self.model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=getattr(torch, dtype)).eval()
+        self.device = options.get("device", "cpu")
+        dtype = getattr(torch, options.get("dtype", "float32"))
+        if path.endswith(".gguf"):
+            directory, name = os.path.split(path)
+            model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        self.model = model.to(self.device).eval()
+        self.vocab_size = model.config.vocab_size
 
     def run(self, ids: list[int], batch: int, new_tokens: int) -> None:
-        input_ids = self.torch.tensor([ids] * batch)
+        input_ids = self.torch.tensor([ids] * batch, device=self.device)
         with self.torch.no_grad():
             out = self.model.generate(
                 input_ids,
@@ -81,63 +191,115 @@ class Transformers:
         assert out.shape[1] == len(ids) + new_tokens
 
 
-def measure(impl: str, dtype: str, passes: int, new_tokens: int) -> dict[str, float]:
-    ids = prompt_ids()
+def measure(config: Config, work_dir: str, passes: int, new_tokens: int, batches: list[int]) -> dict[str, float]:
+    path = checkpoint_path(config, work_dir)
+    cuda = config.options.get("device", "cpu").startswith("cuda")
+    if cuda:
+        import torch
+
+        sync = torch.cuda.synchronize
+    else:
+
+        def sync() -> None:
+            pass
+
     start = time.perf_counter()
-    runner = OurEngine(dtype) if impl == "chat" else Transformers(dtype)
+    runner = OurEngine(path, config.options) if config.impl == "chat" else Transformers(path, config.options)
+    sync()
     load_s = time.perf_counter() - start
+    ids = prompt_ids(runner.vocab_size)
     runner.run(ids, 1, 4)  # warm-up
 
     def timed(batch: int, tokens: int) -> float:
+        sync()
         t = time.perf_counter()
         runner.run(ids, batch, tokens)
+        sync()
         return time.perf_counter() - t
 
     result: dict[str, float] = {"load_s": load_s}
     result["ttft_ms"] = statistics.median(timed(1, 1) for _ in range(passes)) * 1000
-    for batch in (1, 8):
+    for batch in batches:
         first = statistics.median(timed(batch, 1) for _ in range(passes))
         total = statistics.median(timed(batch, new_tokens) for _ in range(passes))
-        result[f"decode_tok_s_b{batch}"] = batch * (new_tokens - 1) / (total - first)
-    result["peak_rss_mib"] = peak_rss_mib()
+        step = (total - first) / (new_tokens - 1)
+        result[f"tok_s_b{batch}"] = batch / step
+        result[f"ms_step_b{batch}"] = step * 1000
+    result["peak_rss_mib"], result["steady_rss_mib"] = rss_mib()
     return result
+
+
+def run_config(config: Config, args: argparse.Namespace) -> dict[str, float] | None:
+    cmd = [sys.executable, __file__, "--worker", json.dumps(config.__dict__), "--work-dir", args.work_dir]
+    cmd += ["--passes", str(args.passes), "--new-tokens", str(args.new_tokens), "--batches", *map(str, args.batches)]
+    env = dict(os.environ)
+    if config.tree:  # another checkout: its own sources first on the path
+        sources = [os.path.join(config.tree, "packages", p, "src") for p in ("chat_core", "chat_distributed", "chat_cli")]
+        env["PYTHONPATH"] = os.pathsep.join([*sources, env.get("PYTHONPATH", "")])
+    print(f"running {config.name} ...", file=sys.stderr, flush=True)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        print(f"  {config.name} failed:\n{result.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--random-weights", choices=["llama-3.2-1b"], help="benchmark a random checkpoint of this shape")
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--passes", type=int, default=3)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--impls", nargs="+", default=["chat", "transformers"])
-    parser.add_argument("--worker", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--new-tokens", type=int, default=None)
+    parser.add_argument("--batches", type=int, nargs="+", default=None)
+    parser.add_argument("--only", nargs="+", help="configurations whose name contains one of these")
+    parser.add_argument("--compare-tree", help="another checkout of this repository to run as 'baseline'")
+    parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "chat-bench"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    gpu = args.device == "cuda"
+    args.batches = args.batches or ([1, 8, 64, 256] if gpu else [1, 8])
+    args.new_tokens = args.new_tokens or 128
+    os.makedirs(args.work_dir, exist_ok=True)
     if args.worker:
-        print(json.dumps(measure(args.worker[0], args.worker[1], args.passes, args.new_tokens)))
+        config = Config(**json.loads(args.worker))
+        print(json.dumps(measure(config, args.work_dir, args.passes, args.new_tokens, args.batches)))
         return
+    if gpu and args.random_weights != "llama-3.2-1b":
+        parser.error("--device cuda benchmarks the --random-weights llama-3.2-1b checkpoint")
+
+    configs = cuda_configs() if gpu else cpu_configs(args.compare_tree)
+    if args.only:
+        configs = [c for c in configs if any(word in c.name for word in args.only)]
+    per_round: dict[str, list[dict[str, float]]] = {c.name: [] for c in configs}
+    for round_index in range(args.rounds):
+        for config in configs if round_index % 2 == 0 else reversed(configs):
+            result = run_config(config, args)
+            if result is not None:
+                per_round[config.name].append(result)
 
     rows = []
-    for dtype in args.dtypes:
-        for impl in args.impls:
-            cmd = [sys.executable, __file__, "--worker", impl, dtype, "--passes", str(args.passes), "--new-tokens", str(args.new_tokens)]
-            print(f"running {impl} {dtype} ...", file=sys.stderr, flush=True)
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-            rows.append({"impl": impl, "dtype": dtype, **json.loads(out)})
-
-    columns = ["load_s", "ttft_ms", "decode_tok_s_b1", "decode_tok_s_b8", "peak_rss_mib"]
-    print(f"{'impl':<13}{'dtype':<10}" + "".join(f"{c:>17}" for c in columns))
+    for config in configs:
+        results = per_round[config.name]
+        if results:
+            rows.append({"name": config.name, **{key: statistics.median(r[key] for r in results) for key in results[0]}})
+    columns = ["load_s", "ttft_ms", *[f"tok_s_b{b}" for b in args.batches], *[f"ms_step_b{b}" for b in args.batches], "peak_rss_mib", "steady_rss_mib"]
+    print(f"{'configuration':<24}" + "".join(f"{c:>15}" for c in columns))
     for row in rows:
-        print(f"{row['impl']:<13}{row['dtype']:<10}" + "".join(f"{row[c]:>17.2f}" for c in columns))
+        print(f"{row['name']:<24}" + "".join(f"{row.get(c, float('nan')):>15.2f}" for c in columns))
+    reference = next((r for r in rows if r["name"].startswith("transformers")), None)
     ratios = {}
-    for dtype in args.dtypes:
-        ours = next((r for r in rows if r["impl"] == "chat" and r["dtype"] == dtype), None)
-        ref = next((r for r in rows if r["impl"] == "transformers" and r["dtype"] == dtype), None)
-        if ours and ref:
-            ratios[dtype] = {c: ours[c] / ref[c] for c in columns}
-            print(f"chat / transformers ({dtype}): " + ", ".join(f"{c} x{v:.2f}" for c, v in ratios[dtype].items()))
+    if reference:
+        for row in rows:
+            ratios[row["name"]] = {f"tok_s_b{b}": row[f"tok_s_b{b}"] / reference[f"tok_s_b{b}"] for b in args.batches}
+        print(f"\ndecode speed relative to {reference['name']}:")
+        for name, ratio in ratios.items():
+            print(f"  {name:<24}" + "  ".join(f"b{k[7:]} x{v:.2f}" for k, v in ratio.items()))
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    path = os.path.join(os.path.dirname(__file__), "results", "generate.json")
+    path = os.path.join(os.path.dirname(__file__), "results", "generate-cuda.json" if gpu else "generate.json")
     with open(path, "w") as f:
-        json.dump({"settings": vars(args) | {"prompt_tokens": PROMPT_TOKENS}, "rows": rows, "ratios": ratios}, f, indent=2)
+        settings = {k: v for k, v in vars(args).items() if k != "worker"}
+        json.dump({"settings": settings | {"prompt_tokens": PROMPT_TOKENS}, "rows": rows, "ratios": ratios}, f, indent=2)
     print(f"wrote {path}")
 
 
