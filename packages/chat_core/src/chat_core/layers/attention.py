@@ -51,7 +51,7 @@ class AttentionMetadata(ABC):
         `pad_slot`: a cache slot holding finite numbers, read where a padded view needs a key."""
         num_tokens, batch = slot_mapping.shape[0], seq_lens.shape[0]
         if max_query_len == 1 and num_tokens == batch:
-            kernel = decode_kernel or ("triton" if slot_mapping.device.type == "cuda" else "blockwise")
+            kernel = decode_kernel or ("triton" if slot_mapping.device.type == "cuda" and triton_supports(block_size) else "blockwise")
             if kernel == "triton":
                 return TritonDecodeMetadata(slot_mapping, seq_lens, block_tables, block_size, sliding_window)
             if kernel == "blockwise":
@@ -196,6 +196,11 @@ class BlockwiseDecodeMetadata(AttentionMetadata):
         out = torch.zeros(batch, num_kv_heads, group, head_dim, device=q.device)
         out.index_add_(0, self.block_seq, torch.matmul(probs, values))
         return (out / denominator.unsqueeze(-1)).reshape(batch, num_heads * head_dim).to(q.dtype)
+
+
+def triton_supports(block_size: int) -> bool:
+    """The Triton kernel reads whole blocks as tiles: a power of two of at least 16 slots."""
+    return block_size >= 16 and block_size & (block_size - 1) == 0
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from chat_core.checkpoint.checkpoint import Checkpoint
 from chat_core.config import ModelConfig, resolve_dtype
 from chat_core.engine.execute_model_request import ExecuteModelRequest
 from chat_core.engine_config import EngineConfig
-from chat_core.layers.attention import AttentionMetadata
+from chat_core.layers.attention import AttentionMetadata, triton_supports
 from chat_core.layers.sampler import Sampler, SamplingTensors
 from chat_core.models.llama import LlamaForCausalLM
 from chat_core.outputs import IntermediateOutput, SamplerOutput
@@ -113,7 +113,12 @@ class LlamaModelRunner(ModelRunnerBase[LlamaModelInput]):
     def cuda_graphs_enabled(self) -> bool:
         """Decode steps replay CUDA graphs on CUDA, unless `enforce_eager` or a pipeline stage other than
         the only one (stages exchange hidden states, which the graphs do not take)."""
-        return self.device.type == "cuda" and not self.engine_config.enforce_eager and self.stage.size == 1
+        return (
+            self.device.type == "cuda"
+            and not self.engine_config.enforce_eager
+            and self.stage.size == 1
+            and triton_supports(self.block_size)  # the graphs replay the Triton decode kernel
+        )
 
     def prepare_model_input(self, request: ExecuteModelRequest) -> LlamaModelInput:
         scheduled = request.scheduled
