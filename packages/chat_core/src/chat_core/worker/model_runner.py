@@ -33,7 +33,7 @@ class LlamaModelInput(ModelInput):
     slot_mapping: torch.Tensor  # [tokens] int64: KV-cache slot of each token
     query_start_loc: torch.Tensor  # [sequences + 1] int64: where each sequence's tokens start
     seq_lens: torch.Tensor  # [sequences] int64: tokens in the cache after this step
-    block_tables: torch.Tensor  # [sequences, most blocks] int64, padded with 0
+    block_tables: torch.Tensor  # [sequences, most blocks] int64, padded with the runner's scratch block
     max_query_len: int
     max_seq_len: int
     logits_indices: torch.Tensor  # [sampled] int64: the token whose logits each sampled sequence needs
