@@ -149,7 +149,7 @@ class BlockwiseDecodeMetadata(AttentionMetadata):
 
     blocks: torch.Tensor  # [used blocks]: cache block ids, sequence by sequence
     block_seq: torch.Tensor  # [used blocks]: the sequence of each
-    visible: torch.Tensor  # [used blocks, block_size]: True for a key the new token sees
+    hidden: torch.Tensor  # [used blocks, block_size]: True for a key the new token does not see
     batch: int
     block_size: int
 
@@ -169,7 +169,7 @@ class BlockwiseDecodeMetadata(AttentionMetadata):
         visible = positions < seq_len
         if sliding_window is not None:  # the new token, at seq_len - 1, sees the last `sliding_window` keys
             visible &= positions >= seq_len - sliding_window
-        return cls(slot_mapping, blocks, block_seq, visible, batch, block_size)
+        return cls(slot_mapping, blocks, block_seq, ~visible, batch, block_size)
 
     def attend(self, q, key_cache, value_cache, scale):
         batch, num_heads, head_dim = q.shape
@@ -178,16 +178,16 @@ class BlockwiseDecodeMetadata(AttentionMetadata):
         keys = key_cache.view(-1, self.block_size, num_kv_heads, head_dim).index_select(0, self.blocks)
         values = value_cache.view(-1, self.block_size, num_kv_heads, head_dim).index_select(0, self.blocks)
         # Slots past a sequence's end may never have been written (any bits, NaN included): mask, don't add.
-        values = values.float().masked_fill_(~self.visible.view(*self.visible.shape, 1, 1), 0.0)
+        values = values.float().masked_fill_(self.hidden.view(*self.hidden.shape, 1, 1), 0.0)
         keys, values = keys.float().permute(0, 2, 3, 1), values.transpose(1, 2)  # [n, kv, dim, bs], [n, kv, bs, dim]
         queries = q.float().view(batch, num_kv_heads, group, head_dim)
         if batch == 1:  # one softmax over every block: no per-sequence reductions needed
             scores = torch.matmul(queries, keys.permute(1, 2, 0, 3).reshape(num_kv_heads, head_dim, -1)) * scale
-            probs = scores.masked_fill_(~self.visible.view(1, 1, -1), float("-inf")).softmax(dim=-1)
+            probs = scores.masked_fill_(self.hidden.view(1, 1, -1), float("-inf")).softmax(dim=-1)
             out = torch.matmul(probs, values.transpose(0, 1).reshape(num_kv_heads, -1, head_dim))
             return out.reshape(1, num_heads * head_dim).to(q.dtype)
         scores = torch.matmul(queries.index_select(0, self.block_seq), keys) * scale
-        scores = scores.masked_fill_(~self.visible.view(-1, 1, 1, self.block_size), float("-inf"))
+        scores = scores.masked_fill_(self.hidden.view(-1, 1, 1, self.block_size), float("-inf"))
         block_max = scores.amax(dim=-1)  # [n, kv, group]
         seq_max = torch.full((batch, num_kv_heads, group), float("-inf"), device=q.device)
         seq_max = seq_max.scatter_reduce_(0, self.block_seq.view(-1, 1, 1).expand_as(block_max), block_max, "amax")
