@@ -37,7 +37,7 @@ class Logprob:
     token: str = ""
 
 
-@dataclass
+@dataclass(repr=False)
 class CompletionOutput:
     """One generated sequence of a request."""
 
@@ -53,8 +53,15 @@ class CompletionOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def __repr__(self) -> str:  # short: a cell or a log line shows what was generated, not every logprob
+        logprobs = f", logprobs={len(self.logprobs)}" if self.logprobs is not None else ""
+        return (
+            f"CompletionOutput(index={self.index}, text={abbreviate(self.text)}, "
+            f"finish_reason={self.finish_reason!r}, tokens={len(self.token_ids)}{logprobs})"
+        )
 
-@dataclass
+
+@dataclass(repr=False)
 class RequestOutput:
     """The state of a request after a step: its prompt and every completion so far."""
 
@@ -83,3 +90,19 @@ class RequestOutput:
     @property
     def num_completion_tokens(self) -> int:
         return sum(len(o.token_ids) for o in self.outputs)
+
+    def __repr__(self) -> str:
+        if len(self.outputs) == 1:
+            completion = self.outputs[0]
+            shown = f"text={abbreviate(completion.text)}, finish_reason={completion.finish_reason!r}"
+        else:
+            shown = f"outputs={self.outputs!r}"
+        return (
+            f"RequestOutput(request_id={self.request_id!r}, {shown}, "
+            f"prompt_tokens={self.num_prompt_tokens}, completion_tokens={self.num_completion_tokens})"
+        )
+
+
+def abbreviate(text: str, limit: int = 60) -> str:
+    """`text`'s repr, cut to about `limit` characters with an ellipsis."""
+    return repr(text if len(text) <= limit else text[: limit - 1] + "…")

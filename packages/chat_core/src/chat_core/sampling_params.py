@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class SamplingParams:
     """Sampling and stopping settings of one request (the names and meanings of vLLM's and OpenAI's).
 
@@ -71,6 +72,11 @@ class SamplingParams:
             _is_number(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "frequency_penalty", "a number in [-2, 2]"
         )
 
+    def __repr__(self) -> str:  # only what differs from the defaults: `SamplingParams(temperature=0, max_tokens=64)`
+        fields = dataclasses.fields(self)
+        changed = [f"{f.name}={getattr(self, f.name)!r}" for f in fields if getattr(self, f.name) != _default(f)]
+        return f"SamplingParams({', '.join(changed)})"
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
@@ -78,6 +84,10 @@ class SamplingParams:
     @property
     def uses_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def _default(f: dataclasses.Field) -> object:  # type: ignore[type-arg]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def _is_int(value: object) -> bool:

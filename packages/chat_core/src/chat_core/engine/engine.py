@@ -193,6 +193,22 @@ class Engine:
     ) -> Iterator[StreamDelta]:
         return self.stream(self.chat_prompt(messages, **template_kwargs), params)
 
+    def __repr__(self) -> str:  # what a notebook cell shows: the model and how it runs, in one line
+        config = self.config
+        runner = config.model_runner_cls
+        runner_name = getattr(runner, "__qualname__", runner)  # a class, or its "module:Class" string
+        parts = [
+            f"model={config.model!r}",
+            f"dtype={config.dtype!r}",
+            f"device={config.device!r}",
+            f"quantization={config.quantization!r}",
+            f"tp={config.tensor_parallel_size}",  # the parallel layout, named as the CLI's --tp/--pp
+            f"pp={config.pipeline_parallel_size}",
+            *([f"model_runner_cls={runner_name}"] if runner is not None else []),
+            *(["shut down"] if self._closed else []),
+        ]
+        return f"Engine({', '.join(parts)})"
+
     # Lifetime
     def _check_open(self) -> None:
         if self._closed:
