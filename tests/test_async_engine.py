@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from chat_core import Engine, SamplingParams
+from chat_core import Engine, EngineDeadError, LlamaModelRunner, SamplingParams
 from chat_core.engine.async_engine import AsyncEngine
 
 PROMPTS = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (3, 9, 20, 40)]
@@ -160,3 +160,114 @@ def test_callers_that_leave_at_any_moment_leave_nothing_behind(tiny_chat_model, 
     assert loop_errors == []
     assert tokens == expected[2]
     assert not unfinished and all_free
+
+
+# The "event_loop" driver: the engine loop is a task on the caller's running event loop (a Jupyter kernel's).
+
+
+class ThreadRecordingRunner(LlamaModelRunner):
+    """Records the thread that runs each step: the event-loop driver must step on the loop's own thread."""
+
+    step_threads: set[int] = set()
+
+    def process_logits(self, logits, model_input):
+        ThreadRecordingRunner.step_threads.add(threading.get_ident())
+        return logits
+
+
+def test_inside_a_running_loop_the_engine_steps_on_that_loop_between_its_other_tasks(tiny_chat_model, engines):
+    _, expected, expected_text = engines
+    ThreadRecordingRunner.step_threads.clear()
+    engine = Engine.from_pretrained(tiny_chat_model, model_runner_cls=ThreadRecordingRunner)
+    ticks = 0
+
+    async def ticker():  # another task on the same loop, as a kernel's message handlers are
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    async def main():
+        async_engine = AsyncEngine(engine)  # "auto" inside a running loop
+        assert async_engine.driver == "event_loop" and "driver='event_loop'" in repr(async_engine)
+        ticking = asyncio.create_task(ticker())
+        try:
+            steps_before, ticks_before = async_engine.stats().steps, ticks
+            final = await async_engine.generate(PROMPTS[1], GREEDY)  # awaited: the finished output
+            steps, ticks_during = async_engine.stats().steps - steps_before, ticks - ticks_before
+            text = "".join([delta.text async for delta in async_engine.stream("hello world", GREEDY)])
+            batch = await asyncio.gather(*(async_engine.generate(p, GREEDY) for p in PROMPTS))
+        finally:
+            ticking.cancel()
+            async_engine.shutdown()
+        return final, steps, ticks_during, text, batch, async_engine
+
+    final, steps, ticks_during, text, batch, async_engine = asyncio.run(main())
+    assert final.finished and final.token_ids == expected[1]
+    assert text == expected_text
+    assert [o.token_ids for o in batch] == expected and async_engine.stats().max_sequences_in_step > 1
+    assert ThreadRecordingRunner.step_threads == {threading.get_ident()}  # no engine thread: this one
+    assert steps >= 16 and ticks_during >= steps - 2  # the other task ran between steps: no step holds the loop long
+
+
+def test_leaving_a_stream_on_the_event_loop_driver_frees_its_cache(tiny_chat_model):
+    engine = Engine.from_pretrained(tiny_chat_model)
+    blocks = engine.generator.block_manager
+
+    async def main():
+        async_engine = AsyncEngine(engine)
+        async for _ in async_engine.stream(PROMPTS[3], SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)):
+            break
+        for _ in range(100):  # the engine task frees it at its next turn
+            if blocks.num_free_blocks == blocks.num_blocks:
+                break
+            await asyncio.sleep(0.01)
+        return async_engine
+
+    async_engine = asyncio.run(main())
+    try:
+        assert blocks.num_free_blocks == blocks.num_blocks and async_engine.stats().num_running == 0
+    finally:
+        async_engine.shutdown()
+
+
+def test_the_event_loop_driver_follows_its_caller_from_one_loop_to_the_next(tiny_chat_model, engines):
+    _, expected, _ = engines
+    async_engine = AsyncEngine.from_pretrained(tiny_chat_model, driver="event_loop")  # made outside any loop
+    try:
+        # Each asyncio.run is a new loop; the engine task that the first one ran was cancelled with it.
+        first = asyncio.run(_tokens(async_engine, PROMPTS[0]))
+        second = asyncio.run(_tokens(async_engine, PROMPTS[2]))
+    finally:
+        async_engine.shutdown()
+    assert (first, second) == (expected[0], expected[2])
+
+
+def test_shutdown_inside_the_loop_ends_the_engine_task(tiny_chat_model):
+    async def main():
+        async_engine = AsyncEngine.from_pretrained(tiny_chat_model)
+        await async_engine.generate(PROMPTS[0], GREEDY)
+        task = async_engine._task
+        async_engine.shutdown()
+        await asyncio.wait_for(task, 10)  # it ends at its next turn
+        with pytest.raises(EngineDeadError, match="shut down"):
+            await async_engine.generate(PROMPTS[0], GREEDY)
+
+    asyncio.run(main())
+
+
+def test_driver_choices_are_checked(tiny_chat_model):
+    engine = Engine.from_pretrained(tiny_chat_model)
+    try:
+        with pytest.raises(ValueError, match="driver='fibers' is invalid: expected one of auto, thread, event_loop, caller"):
+            AsyncEngine(engine, driver="fibers")
+        with pytest.raises(ValueError, match="not both"):
+            AsyncEngine(engine, driver="thread", start_thread=False)
+        caller = AsyncEngine(engine, start_thread=False)
+        assert caller.driver == "caller"
+        threaded = AsyncEngine(engine, driver="thread")
+        with pytest.raises(RuntimeError, match="needs driver='caller'"):
+            threaded.run_forever()
+        threaded.stop()
+    finally:
+        engine.shutdown()

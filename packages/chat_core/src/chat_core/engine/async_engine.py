@@ -1,23 +1,29 @@
 """`AsyncEngine`: many concurrent requests on one Engine, for servers and notebooks.
 
-One thread owns the Generator and runs steps while there is work; it sleeps when there is none.
 Callers submit requests and cancel them from any thread or event loop; each request's outputs come
 back on its own asyncio queue. Requests join the running batch at the next step and leave it when
 they finish or are cancelled (their cache is freed at once).
 
-By default that thread is a background thread. A program that can give it the main thread should
-(`start_thread=False`, then `run_forever()`): on CPU, PyTorch's OpenMP workers run a decode step
-about a third slower when the thread that drives them is not the one that loaded the model.
+One engine loop owns the Generator: it runs steps while there is work and waits when there is none.
+`driver` says who runs it:
+- "thread": a background thread (the default outside an event loop: scripts, tests).
+- "event_loop": a task on the asyncio event loop that is running when the AsyncEngine is made (the
+  default inside one: a Jupyter cell). It runs one step, then yields to the loop, so the code awaiting
+  the outputs, the kernel and other tasks run between steps; between requests it only waits.
+- "caller": `run_forever()` on a thread the program gives it (`chat-cli serve` gives it the main thread).
+On CPU, PyTorch's OpenMP workers run a decode step about a third slower when the thread that drives
+them is not the one that loaded the model: "event_loop" and "caller" step on that thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,10 +69,45 @@ class _Pending:
     num_tokens_seen: int = 0
 
 
+DRIVERS = ("auto", "thread", "event_loop", "caller")
+
+
+class RequestStream(AsyncIterator[RequestOutput]):
+    """One request's outputs: `async for` its state after every step it advanced in (the last one is
+    finished), or `await` it for the final output. Leaving early (break, cancellation, `aclose()`)
+    aborts the request."""
+
+    def __init__(self, outputs: AsyncGenerator[RequestOutput, None]) -> None:
+        self._outputs = outputs
+
+    def __anext__(self) -> Awaitable[RequestOutput]:
+        return self._outputs.__anext__()
+
+    async def aclose(self) -> None:
+        await self._outputs.aclose()
+
+    def __await__(self) -> Generator[Any, None, RequestOutput]:
+        return self._final().__await__()
+
+    async def _final(self) -> RequestOutput:
+        final: RequestOutput | None = None
+        async with contextlib.aclosing(self._outputs):
+            async for final in self._outputs:
+                pass
+        assert final is not None and final.finished, "a request's outputs end with its finished state"
+        return final
+
+
 class AsyncEngine:
-    def __init__(self, engine: Engine, *, max_waiting_requests: int = 256, start_thread: bool = True) -> None:
+    def __init__(
+        self, engine: Engine, *, max_waiting_requests: int = 256, driver: str = "auto", start_thread: bool | None = None
+    ) -> None:
+        """`driver`: who runs the engine loop (see the module's docstring); "auto" is "event_loop" when an
+        asyncio event loop is running in this thread, else "thread". `start_thread=True/False` is the older
+        spelling of driver="thread"/"caller"."""
         self.engine = engine
         self.max_waiting_requests = max_waiting_requests
+        self.driver = _resolve_driver(driver, start_thread)
         self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, _Pending] = {}
@@ -77,25 +118,35 @@ class AsyncEngine:
         self._generation_tokens = 0
         self._prompt_tokens = 0
         self._thread: threading.Thread | None = None
-        if start_thread:
+        # The "event_loop" driver: its task, and the (loop, event) that wakes it.
+        self._task: asyncio.Task[None] | None = None
+        self._loop_wakeup: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
+        self._task_lock = threading.Lock()
+        self._task_exited = threading.Event()
+        if self.driver == "thread":
             self._thread = threading.Thread(target=self._run, name="chat-engine-loop", daemon=True)
             self._thread.start()
+        elif self.driver == "event_loop" and _running_loop() is not None:
+            self._start_loop_task()
 
     @classmethod
     def from_pretrained(cls, model: str | None = None, **kwargs: Any) -> AsyncEngine:
-        max_waiting = kwargs.pop("max_waiting_requests", 256)
-        start_thread = kwargs.pop("start_thread", True)
+        options = {name: kwargs.pop(name) for name in ("max_waiting_requests", "driver", "start_thread") if name in kwargs}
         engine = Engine.from_pretrained(model, **kwargs) if model is not None else Engine.from_pretrained(**kwargs)
-        return cls(engine, max_waiting_requests=max_waiting, start_thread=start_thread)
+        return cls(engine, **options)
 
     # Front: called from event loops
-    async def generate(
-        self, prompt: PromptInput, params: SamplingParams | None = None, request_id: str | None = None
-    ) -> AsyncIterator[RequestOutput]:
-        """Submit a request and yield its state after every step it advanced in; the last one is finished.
+    def generate(self, prompt: PromptInput, params: SamplingParams | None = None, request_id: str | None = None) -> RequestStream:
+        """Submit a request: `async for` its state after every step it advanced in (the last one is
+        finished), or `await` it for the finished output.
 
         Leaving the iteration early (break, cancellation, a closed connection) aborts the request.
         """
+        return RequestStream(self._outputs(prompt, params, request_id))
+
+    async def _outputs(
+        self, prompt: PromptInput, params: SamplingParams | None, request_id: str | None
+    ) -> AsyncGenerator[RequestOutput, None]:
         stream = await self.submit(prompt, params, request_id)
         finished = False
         try:
@@ -129,6 +180,8 @@ class AsyncEngine:
     async def submit(self, prompt: PromptInput, params: SamplingParams | None = None, request_id: str | None = None) -> _Pending:
         """Queue a request; raises at once if it is invalid, the engine is overloaded, or it is dead."""
         self._check_alive()
+        if self.driver == "event_loop":
+            self._start_loop_task()
         text, token_ids = self.engine.encode_prompt(prompt)
         request_id = request_id if request_id is not None else f"areq-{next(self._request_ids)}"
         pending = _Pending(
@@ -141,7 +194,7 @@ class AsyncEngine:
             asyncio.Queue(),
         )
         self._commands.put(("add", pending))
-        self._wakeup.set()
+        self._wake()
         try:
             await asyncio.wrap_future(pending.accepted)
         except asyncio.CancelledError:
@@ -154,7 +207,7 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         """Cancel a request from any thread; its cache is freed at the engine's next turn."""
         self._commands.put(("abort", request_id))
-        self._wakeup.set()
+        self._wake()
 
     def stats(self) -> EngineStats:
         scheduler = self.engine.generator.scheduler
@@ -181,48 +234,94 @@ class AsyncEngine:
             raise EngineDeadError(f"the engine failed and cannot recover: {self._dead}")
 
     def run_forever(self) -> None:
-        """Run the engine loop on the calling thread until `stop()` or `shutdown()` (with `start_thread=False`)."""
-        if self._thread is not None:
-            raise RuntimeError("this AsyncEngine already runs its loop on a background thread")
+        """Run the engine loop on the calling thread until `stop()` or `shutdown()` (driver="caller")."""
+        if self.driver != "caller":
+            raise RuntimeError(f"this AsyncEngine's loop is run by its {self.driver!r} driver; run_forever() needs driver='caller'")
         self._run()
 
     def stop(self) -> None:
         """Ask the loop to end (from any thread): requests in flight fail with EngineDeadError."""
         self._closed = True
         self._commands.put(("stop", None))
-        self._wakeup.set()
+        self._wake()
 
     def shutdown(self) -> None:
-        """Stop the loop, wait for a background loop to end, and shut the engine down."""
+        """Stop the loop, wait for it to end (unless it waits for this very thread), and shut the engine down."""
         if self._shut_down:
             return
         self._shut_down = True
         self.stop()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        task = self._task
+        if task is not None and not task.done() and _running_loop() is not task.get_loop() and task.get_loop().is_running():
+            self._task_exited.wait(timeout=30)  # another thread's loop may be in a step: let it finish
         self.engine.shutdown()
 
-    # Back: the engine thread
+    def __repr__(self) -> str:
+        stats = self.stats()
+        return f"AsyncEngine(driver={self.driver!r}, running={stats.num_running}, waiting={stats.num_waiting}, engine={self.engine!r})"
+
+    # Back: the engine loop, on a thread ("thread", "caller") or as a task on an event loop ("event_loop")
     def _run(self) -> None:
-        generator = self.engine.generator
-        while True:
-            if not self._drain_commands():
-                return
-            if not generator.has_unfinished_requests():
+        while self._drain_commands():
+            if self.engine.generator.has_unfinished_requests():
+                self._step()
+            else:
                 self._wakeup.wait()
                 self._wakeup.clear()
-                continue
+
+    async def _run_on_event_loop(self) -> None:
+        wakeup = asyncio.Event()
+        self._loop_wakeup = (asyncio.get_running_loop(), wakeup)
+        self._task_exited.clear()
+        try:
+            while self._drain_commands():
+                if self.engine.generator.has_unfinished_requests():
+                    self._step()
+                    await asyncio.sleep(0)  # one step at a time: callers read their outputs, the kernel answers
+                else:
+                    await wakeup.wait()
+                    wakeup.clear()
+        except BaseException as exc:  # cancelled with its event loop, or interrupted (Ctrl-C in a kernel)
+            stopped = RuntimeError("the event loop that ran this AsyncEngine's steps stopped; send the request again")
+            self._fail_all(stopped if isinstance(exc, asyncio.CancelledError) else exc)
+            raise
+        finally:
+            self._loop_wakeup = None
+            self._task_exited.set()
+
+    def _start_loop_task(self) -> None:
+        """Run the engine loop as a task on the running event loop, unless a live one runs it already."""
+        with self._task_lock:
+            task = self._task
+            if task is not None and not task.done() and not task.get_loop().is_closed():
+                return
+            self._task = asyncio.get_running_loop().create_task(self._run_on_event_loop(), name="chat-engine-loop")
+
+    def _wake(self) -> None:
+        self._wakeup.set()
+        target = self._loop_wakeup
+        if target is not None:
+            loop, event = target
+            with contextlib.suppress(RuntimeError):  # that loop has closed: its task is gone too
+                loop.call_soon_threadsafe(event.set)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.generator.step()
+        except Exception as exc:  # a failed step: fail its requests, then see whether the engine survived
+            self._fail_all(exc)
             try:
-                outputs = generator.step()
-            except Exception as exc:  # a failed step: fail its requests, then see whether the engine survived
-                self._fail_all(exc)
-                try:
-                    self.engine.executor.check_health()
-                except Exception as fatal:
-                    self._dead = fatal
-                continue
-            for output in outputs:
-                self._deliver(output)
+                self.engine.executor.check_health()
+            except Exception as fatal:
+                self._dead = fatal
+            return
+        except BaseException as exc:  # KeyboardInterrupt mid-step: its requests see it; the loop ends
+            self._fail_all(exc)
+            raise
+        for output in outputs:
+            self._deliver(output)
 
     def _drain_commands(self) -> bool:
         generator = self.engine.generator
@@ -274,6 +373,24 @@ class AsyncEngine:
             _send(pending, exc)
         self._streams.clear()
 
+
+def _resolve_driver(driver: str, start_thread: bool | None) -> str:
+    if driver not in DRIVERS:
+        raise ValueError(f"AsyncEngine driver={driver!r} is invalid: expected one of {', '.join(DRIVERS)}")
+    if start_thread is not None:
+        if driver != "auto":
+            raise ValueError(f"pass driver={driver!r} or start_thread={start_thread}, not both")
+        return "thread" if start_thread else "caller"
+    if driver == "auto":
+        return "event_loop" if _running_loop() is not None else "thread"
+    return driver
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _send(pending: _Pending, item: RequestOutput | BaseException) -> bool:
