@@ -29,6 +29,12 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--control-plane", default="broadcast", choices=["broadcast", "spmd"], help="how ranks get each step's inputs"
     )
+    group.add_argument(
+        "--model-runner-cls",
+        default=None,
+        metavar="MODULE:CLASS",
+        help="your own ModelRunnerBase subclass, imported on every rank (default: the built-in Llama runner)",
+    )
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, *, max_tokens: int) -> None:
@@ -56,6 +62,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.max_model_len is not None:
         kwargs["max_model_len"] = args.max_model_len
+    if args.model_runner_cls is not None:
+        kwargs["model_runner_cls"] = args.model_runner_cls
     return kwargs
 
 

@@ -62,7 +62,7 @@ def run_serve(engine: Engine, args: argparse.Namespace) -> int:
         return 2
     # The engine loop gets the main thread (the one that loaded the model: PyTorch's CPU threads are
     # much faster driven from it); HTTP runs on an event loop in a second thread.
-    async_engine = AsyncEngine(engine, max_waiting_requests=args.max_waiting_requests, start_thread=False)
+    async_engine = AsyncEngine(engine, max_waiting_requests=args.max_waiting_requests, driver="caller")
     app = build_app(async_engine, settings)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     host, port = listener.getsockname()[:2]

@@ -12,6 +12,7 @@ from chat_cli.server.chat import create_chat_completion
 from chat_cli.server.completions import create_completion
 from chat_cli.server.errors import APIError, install_error_handlers
 from chat_cli.server.metrics import ServerMetrics
+from chat_cli.server.page import add_page_routes
 from chat_cli.server.protocol import ModelCard, ModelList
 from chat_cli.server.request_group import ClientDisconnected
 from chat_cli.server.settings import ServerSettings
@@ -35,6 +36,7 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     app.include_router(api)
     app.add_api_route("/health", _health, methods=["GET"])
     app.add_api_route("/metrics", _metrics, methods=["GET"])
+    add_page_routes(app)  # the chat page at /
     return app
 
 
