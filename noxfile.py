@@ -152,6 +152,7 @@ BENCHMARKS = {
     "quality": "benchmarks/bench_quality.py",  # perplexity and top-1 agreement of each weight format
     "serving": "benchmarks/bench_serving.py",  # chat-cli serve under 1, 8, 32 concurrent clients
     "control-plane": "benchmarks/bench_control_plane.py",  # broadcast vs SPMD at tp=2 and pp=2
+    "async-engine": "benchmarks/bench_async_engine.py",  # AsyncEngine on the event loop or a thread vs Engine
 }
 
 

@@ -11,8 +11,9 @@ One engine loop owns the Generator: it runs steps while there is work and waits 
   default inside one: a Jupyter cell). It runs one step, then yields to the loop, so the code awaiting
   the outputs, the kernel and other tasks run between steps; between requests it only waits.
 - "caller": `run_forever()` on a thread the program gives it (`chat-cli serve` gives it the main thread).
-On CPU, PyTorch's OpenMP workers run a decode step about a third slower when the thread that drives
-them is not the one that loaded the model: "event_loop" and "caller" step on that thread.
+"event_loop" and "caller" step on the thread that loaded the model: a background thread was once
+measured to slow PyTorch's CPU decode by about a third (benchmarks/bench_async_engine.py compares them).
+Drive an Engine through one AsyncEngine at a time, and not directly while its loop may step.
 """
 
 from __future__ import annotations
