@@ -96,13 +96,15 @@ def main() -> None:
         for name in DRIVERS
     ]
     weights = engine.config.quantization or engine.config.dtype
-    print(f"{args.model} ({weights}), batch 1, {args.max_tokens} tokens, {args.passes} interleaved passes, torch threads {torch.get_num_threads()}")
+    print(f"{args.model} ({weights}), batch 1, {args.max_tokens} tokens, {args.passes} interleaved passes, ", end="")
+    print(f"torch threads {torch.get_num_threads()}")
     print(f"{'driver':<12} {'decode tok/s':>13} {'vs engine':>10}")
     for row in rows:
         print(f"{row['driver']:<12} {row['decode_tokens_per_s_median']:>13.1f} {row['ratio_to_engine']:>10.2f}")
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as f:
-        json.dump({"model": args.model, "weights": weights, "max_tokens": args.max_tokens, "passes": args.passes, "rows": rows}, f, indent=2)
+        summary = {"model": args.model, "weights": weights, "max_tokens": args.max_tokens, "passes": args.passes}
+        json.dump({**summary, "rows": rows}, f, indent=2)
     print(f"wrote {args.output}")
 
 

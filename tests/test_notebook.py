@@ -20,7 +20,7 @@ def code_cells(notebook) -> list:
 def test_the_notebook_is_stored_without_outputs():
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(notebook)
-    stored = [(cell.source.splitlines()[0], cell.execution_count) for cell in code_cells(notebook) if cell.outputs or cell.execution_count]
+    stored = [cell.source.splitlines()[0] for cell in code_cells(notebook) if cell.outputs or cell.execution_count]
     assert not stored, f"strip the outputs of {NOTEBOOK} before committing it: {stored}"
 
 
@@ -29,7 +29,8 @@ def kernel_for_this_python(tmp_path, monkeypatch) -> str:
     """A kernel spec that runs this interpreter (the one with chat_core installed), whatever `python` is on PATH."""
     spec_dir = tmp_path / "kernels" / KERNEL_NAME
     spec_dir.mkdir(parents=True)
-    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"], "display_name": "test", "language": "python"}
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    spec = {"argv": argv, "display_name": "chat tests", "language": "python"}
     (spec_dir / "kernel.json").write_text(json.dumps(spec))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path))
     return KERNEL_NAME

@@ -48,7 +48,8 @@ def test_sampling_params_repr_names_exactly_the_changed_fields_and_evaluates_bac
 
 def _completion(index: int, text: str, finish_reason: str | None, num_tokens: int) -> CompletionOutput:
     logprobs = [Logprob(i, -0.5, "x") for i in range(num_tokens)]
-    return CompletionOutput(index, text, list(range(num_tokens)), finish_reason, logprobs=logprobs, top_logprobs=[logprobs] * num_tokens)
+    top_logprobs = [logprobs] * num_tokens
+    return CompletionOutput(index, text, list(range(num_tokens)), finish_reason, logprobs=logprobs, top_logprobs=top_logprobs)
 
 
 def test_request_output_repr_is_one_short_line_with_the_text_and_finish_reason():
@@ -63,7 +64,8 @@ def test_request_output_repr_is_one_short_line_with_the_text_and_finish_reason()
 
 def test_a_short_text_is_shown_whole_and_n_completions_each_shown():
     single = RequestOutput("r", None, [1, 2], [_completion(0, "Paris.", "stop", 2)], True)
-    assert repr(single) == "RequestOutput(request_id='r', text='Paris.', finish_reason='stop', prompt_tokens=2, completion_tokens=2)"
+    expected = "RequestOutput(request_id='r', text='Paris.', finish_reason='stop', prompt_tokens=2, completion_tokens=2)"
+    assert repr(single) == expected
     pair = RequestOutput("r", None, [1], [_completion(0, "a", "stop", 1), _completion(1, "b", None, 3)])
     assert "CompletionOutput(index=0, text='a', finish_reason='stop', tokens=1, logprobs=1)" in repr(pair)
     assert "CompletionOutput(index=1, text='b', finish_reason=None, tokens=3, logprobs=3)" in repr(pair)

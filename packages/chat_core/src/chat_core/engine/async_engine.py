@@ -237,7 +237,9 @@ class AsyncEngine:
     def run_forever(self) -> None:
         """Run the engine loop on the calling thread until `stop()` or `shutdown()` (driver="caller")."""
         if self.driver != "caller":
-            raise RuntimeError(f"this AsyncEngine's loop is run by its {self.driver!r} driver; run_forever() needs driver='caller'")
+            raise RuntimeError(
+                f"this AsyncEngine's loop is run by its {self.driver!r} driver; run_forever() needs driver='caller'"
+            )
         self._run()
 
     def stop(self) -> None:
@@ -261,7 +263,8 @@ class AsyncEngine:
 
     def __repr__(self) -> str:
         stats = self.stats()
-        return f"AsyncEngine(driver={self.driver!r}, running={stats.num_running}, waiting={stats.num_waiting}, engine={self.engine!r})"
+        requests = f"running={stats.num_running}, waiting={stats.num_waiting}"
+        return f"AsyncEngine(driver={self.driver!r}, {requests}, engine={self.engine!r})"
 
     # Back: the engine loop, on a thread ("thread", "caller") or as a task on an event loop ("event_loop")
     def _run(self) -> None:
