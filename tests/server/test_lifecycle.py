@@ -70,7 +70,7 @@ def test_tensor_parallel_server_answers_like_one_process(tp2_server, tiny_chat_m
 
 def test_a_dead_rank_makes_the_server_unhealthy_and_it_still_shuts_down_cleanly(tp2_server):
     children = child_pids(tp2_server.process.pid)
-    workers = [pid for pid in children if "spawn_main" in command_line(pid)]
+    workers = [pid for pid in children if "chat_distributed.worker_main" in command_line(pid)]
     assert len(workers) == 1, [command_line(pid) for pid in children]
     os.kill(workers[0], signal.SIGKILL)
     response = httpx.post(f"{tp2_server.url}/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 4}, timeout=120)
