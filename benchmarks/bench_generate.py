@@ -93,15 +93,28 @@ def smollm2_path() -> str:
 
 
 def hf_copy_of_smollm2(directory: str) -> str:
-    """SmolLM2's weights as a Hugging Face directory (float32 safetensors): what int8/int4 quantize from."""
+    """SmolLM2's weights as a Hugging Face directory (float32 safetensors, no tokenizer: prompts are token
+    ids), written from our own reading of the GGUF: what int8/int4 quantize from."""
     if os.path.exists(os.path.join(directory, "model.safetensors")):
         return directory
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from safetensors.torch import save_file
 
-    folder, name = os.path.split(smollm2_path())
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype="float32")
-    model.save_pretrained(directory)
-    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(directory)
+    from chat_core import open_checkpoint
+
+    checkpoint = open_checkpoint(smollm2_path())
+    config = checkpoint.config
+    os.makedirs(directory, exist_ok=True)
+    save_file({name: tensor.read().float().contiguous() for name, tensor in checkpoint.tensors()}, os.path.join(directory, "model.safetensors"))
+    hf_config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
+        "vocab_size": config.vocab_size, "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.rms_norm_eps, "rope_theta": config.rope_theta, "tie_word_embeddings": config.tie_word_embeddings,
+        "bos_token_id": 1, "eos_token_id": list(config.eos_token_ids), "torch_dtype": "float32",
+    }  # fmt: skip
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
     return directory
 
 
