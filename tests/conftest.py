@@ -63,3 +63,11 @@ def hf_smollm2(smollm2_path):
 
     directory, name = os.path.split(smollm2_path)
     return AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype="float32").eval()
+
+
+@pytest.fixture
+def left_behind():
+    """left_behind(): the child processes started since this test began that are still alive (see child_processes)."""
+    from child_processes import ChildWatch
+
+    return ChildWatch().left_behind

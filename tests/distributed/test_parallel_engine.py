@@ -36,21 +36,13 @@ def assert_same_generation(outputs, expected):
             assert [x.logprob for x in a] == pytest.approx([x.logprob for x in b], abs=1e-5)
 
 
-def children() -> list[psutil.Process]:
-    """Our live child processes, except multiprocessing's resource tracker: one per interpreter, started by
-    the first spawn, it is Python's own and ends with this process."""
-    return [
-        p
-        for p in psutil.Process().children(recursive=True)
-        if p.is_running() and p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline())
-    ]
 
 
 @pytest.mark.parametrize(
     "tp,pp,control_plane",
     [(2, 1, "broadcast"), (2, 1, "spmd"), (1, 2, "broadcast"), (1, 2, "spmd"), (2, 2, "broadcast"), (2, 2, "spmd")],
 )
-def test_parallel_generation_equals_one_process(mistral_dir, reference, tp, pp, control_plane):
+def test_parallel_generation_equals_one_process(mistral_dir, reference, tp, pp, control_plane, left_behind):
     greedy, seeded = reference
     with Engine.from_pretrained(
         mistral_dir, tensor_parallel_size=tp, pipeline_parallel_size=pp, control_plane=control_plane, block_size=4
@@ -61,7 +53,7 @@ def test_parallel_generation_equals_one_process(mistral_dir, reference, tp, pp, 
         mixed = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (2, 12, 5)]
         for out, exp, p in zip(engine.generate(PROMPTS, mixed), greedy, mixed):
             assert out.token_ids == exp.token_ids[: p.max_tokens]
-    assert not children(), "shutdown() must leave no process behind"
+    assert not left_behind(), "shutdown() must leave no process behind"
 
 
 def test_uneven_layer_split(mistral_dir, reference):
@@ -81,7 +73,7 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_smollm2_tensor_parallel_3_and_pipeline_2_answer_like_one_process(smollm2_engine, smollm2_path, layout):
+def test_smollm2_tensor_parallel_3_and_pipeline_2_answer_like_one_process(smollm2_engine, smollm2_path, layout, left_behind):
     weights, splits = LAYOUTS[layout]
     questions = ["What is the capital of France?", "Name a primary colour."]
     prompts = [smollm2_engine.chat_prompt([{"role": "user", "content": q}]) for q in questions]
@@ -91,10 +83,10 @@ def test_smollm2_tensor_parallel_3_and_pipeline_2_answer_like_one_process(smollm
     for tp, pp in splits:
         with Engine.from_pretrained(smollm2_path, tensor_parallel_size=tp, pipeline_parallel_size=pp, **weights) as engine:
             assert [o.token_ids for o in engine.generate(prompts, params)] == expected
-    assert not children()
+    assert not left_behind()
 
 
-def test_a_killed_worker_is_reported_by_rank_and_nothing_hangs(mistral_dir):
+def test_a_killed_worker_is_reported_by_rank_and_nothing_hangs(mistral_dir, left_behind):
     from chat_distributed import WorkerFailedError
 
     engine = Engine.from_pretrained(mistral_dir, tensor_parallel_size=2, block_size=4, distributed_timeout_s=30)
@@ -112,14 +104,14 @@ def test_a_killed_worker_is_reported_by_rank_and_nothing_hangs(mistral_dir):
             engine.generate(PROMPTS[:1], PARAMS)
     finally:
         engine.shutdown()
-    assert not children()
+    assert not left_behind()
 
 
-def test_a_failed_start_leaves_no_process(tmp_path, mistral_dir):
+def test_a_failed_start_leaves_no_process(tmp_path, mistral_dir, left_behind):
     # 8 heads cannot be split over 3 ranks: every rank fails while building its model.
     with pytest.raises(Exception, match="divisible|num_attention_heads"):
         Engine.from_pretrained(mistral_dir, tensor_parallel_size=3, distributed_timeout_s=20)
-    assert not children()
+    assert not left_behind()
 
 
 def test_fewer_kv_heads_than_ranks_are_replicated(tmp_path):

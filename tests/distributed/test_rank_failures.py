@@ -7,7 +7,6 @@ import os
 import signal
 import time
 
-import psutil
 import pytest
 from faulty_runners import FaultyRunner
 
@@ -25,8 +24,6 @@ def mistral_dir(tiny_checkpoints):
     return tiny_checkpoints("mistral")[0]  # 8 heads, 2 kv heads, 4 layers
 
 
-def children() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children(recursive=True) if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
 def start(mistral_dir: str, tp: int = 2, pp: int = 1, **options) -> Engine:
@@ -40,7 +37,7 @@ def fault(at: str, action: str, step: int = 1) -> dict:
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_a_stopped_rank_is_named_within_the_timeout(mistral_dir, tp, pp):
+def test_a_stopped_rank_is_named_within_the_timeout(mistral_dir, tp, pp, left_behind):
     engine = start(mistral_dir, tp, pp)
     try:
         rank1 = engine.executor.processes.processes[1]
@@ -56,10 +53,10 @@ def test_a_stopped_rank_is_named_within_the_timeout(mistral_dir, tp, pp):
             engine.generate(PROMPT, SamplingParams(max_tokens=2))
     finally:
         engine.shutdown()  # SIGTERM would wait for a SIGCONT; the stopped rank must still go
-    assert not children()
+    assert not left_behind()
 
 
-def test_a_rank_stuck_in_a_collective_is_named_within_the_timeout(mistral_dir):
+def test_a_rank_stuck_in_a_collective_is_named_within_the_timeout(mistral_dir, left_behind):
     engine = start(mistral_dir, **fault("step", "hang", step=3))
     try:
         began = time.monotonic()
@@ -68,26 +65,26 @@ def test_a_rank_stuck_in_a_collective_is_named_within_the_timeout(mistral_dir):
         assert time.monotonic() - began < NEVER_WAITS_FOREVER_S
     finally:
         engine.shutdown()
-    assert not children()
+    assert not left_behind()
 
 
-def test_a_rank_killed_while_loading_the_model_is_named(mistral_dir):
+def test_a_rank_killed_while_loading_the_model_is_named(mistral_dir, left_behind):
     with pytest.raises(WorkerFailedError, match=r"rank 1 \(pid \d+\) died with exit code -9 \(SIGKILL\) while loading the model"):
         start(mistral_dir, **fault("load", "kill"))
-    assert not children()
+    assert not left_behind()
 
 
-def test_a_rank_killed_during_a_prefill_is_named(mistral_dir):
+def test_a_rank_killed_during_a_prefill_is_named(mistral_dir, left_behind):
     engine = start(mistral_dir, **fault("step", "kill", step=1))
     try:
         with pytest.raises(WorkerFailedError, match=r"rank 1 \(pid \d+\) died with exit code -9 \(SIGKILL\) while serving steps"):
             engine.generate(PROMPT, SamplingParams(temperature=0, max_tokens=4))
     finally:
         engine.shutdown()
-    assert not children()
+    assert not left_behind()
 
 
-def test_a_rank_stopped_while_the_engine_is_idle_fails_the_health_check_within_the_timeout(mistral_dir):
+def test_a_rank_stopped_while_the_engine_is_idle_fails_the_health_check_within_the_timeout(mistral_dir, left_behind):
     engine = start(mistral_dir)
     try:
         engine.generate(PROMPT, SamplingParams(temperature=0, max_tokens=2))
@@ -107,4 +104,4 @@ def test_a_rank_stopped_while_the_engine_is_idle_fails_the_health_check_within_t
             time.sleep(0.2)
     finally:
         engine.shutdown()
-    assert not children()
+    assert not left_behind()

@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx
-import psutil
 import pytest
 import uvicorn
 
@@ -165,7 +164,7 @@ def test_overload_is_429_with_retry_after(make_server):
     assert chat(server.url).status_code == 200  # once the queue drains, requests are taken again
 
 
-def test_a_stopped_rank_turns_the_server_unhealthy_instead_of_hanging(tiny_chat_model):
+def test_a_stopped_rank_turns_the_server_unhealthy_instead_of_hanging(tiny_chat_model, left_behind):
     """A real rank process, stopped with SIGSTOP: the step in flight fails within the timeout, then the server is dead."""
     engine = Engine.from_pretrained(tiny_chat_model, tensor_parallel_size=2, distributed_timeout_s=3)
     async_engine = AsyncEngine(engine)
@@ -181,4 +180,4 @@ def test_a_stopped_rank_turns_the_server_unhealthy_instead_of_hanging(tiny_chat_
             assert chat(url).status_code == 503
     finally:
         async_engine.shutdown()
-    assert not [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+    assert not left_behind()
