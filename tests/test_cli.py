@@ -57,3 +57,12 @@ def test_a_missing_model_is_a_clear_error(tmp_path):
     result = chat_cli("generate", "--model", missing, "hi")
     assert result.returncode == 2
     assert missing in result.stderr and "Traceback" not in result.stderr
+
+
+def test_prefix_caching_is_on_unless_turned_off():
+    from chat_cli.main import build_parser
+    from chat_cli.options import engine_kwargs
+
+    for command in ("generate", "chat", "serve"):
+        assert engine_kwargs(build_parser().parse_args([command]))["enable_prefix_caching"] is True
+        assert engine_kwargs(build_parser().parse_args([command, "--no-prefix-caching"]))["enable_prefix_caching"] is False

@@ -19,6 +19,12 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--control-plane", default="broadcast", choices=["broadcast", "spmd"], help="how ranks get each step's inputs"
     )
+    group.add_argument(
+        "--prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV cache of prompt prefixes seen before: earlier chat turns, shared system prompts (default: on)",
+    )
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, *, max_tokens: int) -> None:
@@ -40,6 +46,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "tensor_parallel_size": args.tp,
         "pipeline_parallel_size": args.pp,
         "control_plane": args.control_plane,
+        "enable_prefix_caching": args.prefix_caching,
     }
     if args.max_model_len is not None:
         kwargs["max_model_len"] = args.max_model_len
