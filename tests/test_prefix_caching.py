@@ -301,3 +301,40 @@ def test_a_failed_step_forgets_the_cache(tiny_checkpoints):
         again = engine.generate(prompt, GREEDY)[0]
         assert again.num_cached_tokens == 0
         assert_same_outputs(again, expected)
+
+
+QUESTIONS = ["What is the capital of France?", "And of Italy?", "Which of the two is further south?"]
+
+
+def test_each_chat_turn_finds_the_conversation_so_far_in_the_cache(smollm2_engine):
+    engine, block_size = smollm2_engine, smollm2_engine.config.block_size
+    params = SamplingParams(temperature=0, max_tokens=24)
+    messages: list[dict] = []
+    previous: list[int] = []  # the last turn's prompt and answer, as the model saw them
+    for question in QUESTIONS:
+        messages.append({"role": "user", "content": question})
+        prompt = engine.chat_prompt(messages)["prompt_token_ids"]
+        # The template and the tokenizer's round trip leave the earlier turns' tokens as they were.
+        assert prompt[: len(previous)] == previous
+        answer = engine.chat(messages, params)
+        # All of it but the answer's last token (sampled, never fed back) was computed: those full blocks hit.
+        assert answer.num_cached_tokens == max(0, len(previous) - 1) // block_size * block_size
+        previous = prompt + answer.token_ids
+        messages.append({"role": "assistant", "content": answer.text})
+
+
+def test_chat_cli_chat_reuses_the_conversation(smollm2_engine):
+    import io
+
+    from chat_cli.chat import run_chat
+    from chat_cli.main import build_parser
+
+    # A system prompt of its own: no earlier test cached the first turn.
+    args = build_parser().parse_args(["chat", "--system", "Be terse; this is the CLI test.", "--temperature", "0", "--max-tokens", "24"])
+    stats = smollm2_engine.prefix_cache_stats
+    hits_before = stats.hits
+    out = io.StringIO()
+    run_chat(smollm2_engine, args, stdin=io.StringIO("\n".join(QUESTIONS) + "\n"), stdout=out)
+    assert len(out.getvalue().strip().split("\n")) == len(QUESTIONS)
+    # Turns 2 and 3 each found at least the first exchange (system prompt, question, answer: over 48 tokens).
+    assert stats.hits - hits_before >= 2 * 48
