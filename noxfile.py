@@ -38,14 +38,15 @@ def demo(session: nox.Session) -> None:
 
 BENCHMARKS = {
     "generate": "benchmarks/bench_generate.py",  # engine vs transformers: decode tokens/s, TTFT, load, memory
-    "serving": "benchmarks/bench_serving.py",  # chat-cli serve under 1, 8, 32 concurrent clients
+    "serving": "benchmarks/bench_serving.py",  # chat-cli serve under 1, 8, 32 clients; a shared system prompt, caching on/off
+    "multiturn": "benchmarks/bench_multiturn.py",  # 10-turn chat: time to first token per turn, prefix caching on/off
     "control-plane": "benchmarks/bench_control_plane.py",  # broadcast vs SPMD at tp=2 and pp=2
 }
 
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """All benchmarks, or those named: `nox -s bench -- generate serving control-plane`."""
+    """All benchmarks, or those named: `nox -s bench -- generate serving multiturn control-plane`."""
     install_project(session, "transformers>=4.46", "accelerate", "psutil", "httpx")
     for name in session.posargs or list(BENCHMARKS):
         if name not in BENCHMARKS:

@@ -1,0 +1,187 @@
+"""Multi-turn chat on SmolLM2: time to first token per turn, with and without prefix caching, in the same run.
+
+A 10-turn conversation (each turn a ~30-token question and the model's answer of up to 120 tokens,
+so ~150 tokens a turn and ~1,400 tokens of history by the last turn) is run through `Engine.stream_chat`
+on two engines, one with prefix caching and one without, in interleaved passes (the cache is
+cleared before each pass). Also measured, in the same passes: the time to first token of a fresh
+32-token prompt (the target: a turn with ~1,500 tokens of history within 2x of it), and, for the
+case where nothing is shared, a batch of distinct prompts on both engines (caching must cost nothing
+there). Medians over passes; prints a table and writes JSON to benchmarks/results/multiturn.json.
+
+    python benchmarks/bench_multiturn.py [--passes 3] [--turns 10] [--answer-tokens 120] [--dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+
+FRESH_PROMPT = (
+    "The history of the printing press begins in the fifteenth century, when movable type changed how "
+    "books were made, how ideas travelled across Europe, and how people learned to read and write."
+)
+SUBJECTS = [
+    "the water cycle", "how bridges carry weight", "why the sky is blue", "the life of honey bees",
+    "how vaccines work", "the causes of tides", "how a compiler works", "the history of paper",
+    "how plants make food", "why ice floats", "the invention of the telescope", "how birds migrate",
+]  # fmt: skip
+
+
+def question(turn: int, subject: str) -> str:
+    """A ~30-token question."""
+    return f"Question {turn + 1}: please explain {subject} in a few plain sentences, as you would to a curious student."
+
+
+def run_conversation(engine, turns: int, answer_tokens: int) -> tuple[list[float], list[int], list[int]]:
+    """TTFT of each turn, the prompt length of each turn, and the prompt tokens each found in the cache."""
+    from chat_core import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=answer_tokens)
+    messages: list[dict] = []
+    ttfts, prompt_lens, cached = [], [], []
+    for turn in range(turns):
+        messages.append({"role": "user", "content": question(turn, SUBJECTS[turn % len(SUBJECTS)])})
+        prompt = engine.chat_prompt(messages)
+        start = time.perf_counter()
+        first = None
+        request_id = engine.add_request(prompt, params)
+        answer = None
+        while answer is None:
+            for output in engine.generator.step():
+                if output.request_id != request_id:
+                    continue
+                if first is None and output.outputs[0].token_ids:
+                    first = time.perf_counter() - start
+                if output.finished:
+                    answer = output
+        ttfts.append(first)
+        prompt_lens.append(len(prompt["prompt_token_ids"]))
+        cached.append(answer.num_cached_tokens)
+        messages.append({"role": "assistant", "content": answer.text})
+    return ttfts, prompt_lens, cached
+
+
+def fresh_prompt_ttft(engine, tokens: list[int], repeats: int = 5) -> float:
+    from chat_core import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=1)
+    samples = []
+    for _ in range(repeats):
+        engine.reset_prefix_cache()
+        start = time.perf_counter()
+        engine.generate({"prompt_token_ids": tokens}, params)
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def distinct_batch_seconds(engine, vocab_size: int, seed: int, batch: int = 8, prompt_len: int = 256, new_tokens: int = 32) -> float:
+    """A batch of prompts that share no block: what prefix caching costs when it cannot help."""
+    from chat_core import SamplingParams
+
+    rng = random.Random(seed)
+    prompts = [{"prompt_token_ids": [rng.randrange(100, vocab_size) for _ in range(prompt_len)]} for _ in range(batch)]
+    engine.reset_prefix_cache()
+    start = time.perf_counter()
+    outputs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True))
+    elapsed = time.perf_counter() - start
+    assert all(o.num_cached_tokens == 0 for o in outputs)
+    return elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--passes", type=int, default=3)
+    parser.add_argument("--turns", type=int, default=10)
+    parser.add_argument("--answer-tokens", type=int, default=120)
+    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "multiturn.json"))
+    args = parser.parse_args()
+
+    from chat_core import Engine
+
+    engines = {
+        "cached": Engine.from_pretrained(args.model, dtype=args.dtype),
+        "uncached": Engine.from_pretrained(args.model, dtype=args.dtype, enable_prefix_caching=False),
+    }
+    fresh_tokens = engines["cached"].tokenizer.encode(FRESH_PROMPT)[:32]
+    vocab_size = engines["cached"].model_config.vocab_size
+    for engine in engines.values():  # warm up: first-call allocations are not what we measure
+        fresh_prompt_ttft(engine, fresh_tokens, repeats=2)
+        distinct_batch_seconds(engine, vocab_size, seed=-1, batch=2, new_tokens=4)
+
+    ttfts = {mode: [] for mode in engines}  # per pass: a list of per-turn TTFTs
+    fresh = {mode: [] for mode in engines}
+    distinct = {mode: [] for mode in engines}
+    prompt_lens, cached_tokens = {}, {}
+    for p in range(args.passes):
+        order = list(engines) if p % 2 == 0 else list(engines)[::-1]  # interleaved, alternating who goes first
+        for mode in order:
+            engine = engines[mode]
+            engine.reset_prefix_cache()
+            turn_ttfts, prompt_lens[mode], cached_tokens[mode] = run_conversation(engine, args.turns, args.answer_tokens)
+            ttfts[mode].append(turn_ttfts)
+            fresh[mode].append(fresh_prompt_ttft(engine, fresh_tokens))
+            distinct[mode].append(distinct_batch_seconds(engine, vocab_size, seed=p))
+            print(f"pass {p + 1}/{args.passes} {mode}: last turn {turn_ttfts[-1] * 1000:.0f} ms", file=sys.stderr)
+    for engine in engines.values():
+        engine.shutdown()
+
+    def per_turn_median(mode: str) -> list[float]:
+        return [statistics.median(run[t] for run in ttfts[mode]) * 1000 for t in range(args.turns)]
+
+    cached_ms, uncached_ms = per_turn_median("cached"), per_turn_median("uncached")
+    fresh_ms = statistics.median(fresh["uncached"]) * 1000
+    fresh_cached_engine_ms = statistics.median(fresh["cached"]) * 1000
+    distinct_ratio = statistics.median(c / u for c, u in zip(distinct["cached"], distinct["uncached"]))
+
+    print(f"{'turn':>4} {'prompt tok':>10} {'cached tok':>10} {'TTFT cached':>12} {'TTFT uncached':>14} {'speed-up':>9}")
+    for t in range(args.turns):
+        print(
+            f"{t + 1:>4} {prompt_lens['cached'][t]:>10} {cached_tokens['cached'][t]:>10} {cached_ms[t]:>9.0f} ms "
+            f"{uncached_ms[t]:>11.0f} ms {uncached_ms[t] / cached_ms[t]:>8.1f}x"
+        )
+    last_vs_fresh = cached_ms[-1] / fresh_ms
+    print(f"\nfresh 32-token prompt: {fresh_ms:.0f} ms (on the caching engine, nothing cached: {fresh_cached_engine_ms:.0f} ms)")
+    print(
+        f"turn {args.turns} ({prompt_lens['cached'][-1]} prompt tokens) with caching = {last_vs_fresh:.2f}x the fresh "
+        f"32-token prompt (target <= 2x); without caching {uncached_ms[-1] / fresh_ms:.1f}x"
+    )
+    print(f"nothing shared (8 distinct 256-token prompts, 32 new tokens each): caching on / off wall time = {distinct_ratio:.3f}")
+
+    report = {
+        "model": args.model,
+        "dtype": args.dtype,
+        "passes": args.passes,
+        "answer_tokens": args.answer_tokens,
+        "cpu_count": os.cpu_count(),
+        "turns": [
+            {
+                "turn": t + 1,
+                "prompt_tokens": prompt_lens["cached"][t],
+                "prompt_tokens_uncached_run": prompt_lens["uncached"][t],
+                "cached_tokens": cached_tokens["cached"][t],
+                "ttft_cached_ms": round(cached_ms[t], 1),
+                "ttft_uncached_ms": round(uncached_ms[t], 1),
+            }
+            for t in range(args.turns)
+        ],
+        "fresh_32_token_ttft_ms": round(fresh_ms, 1),
+        "fresh_32_token_ttft_on_caching_engine_ms": round(fresh_cached_engine_ms, 1),
+        "last_turn_vs_fresh_prompt": round(last_vs_fresh, 2),
+        "nothing_shared_wall_time_ratio_cached_over_uncached": round(distinct_ratio, 3),
+    }
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
