@@ -285,22 +285,26 @@ class FailOnDemand(LlamaModelRunner):
         return super().execute_model(model_input, kv_cache, intermediate)
 
 
-def test_a_failed_step_forgets_the_cache(tiny_checkpoints):
-    prompt = ids(list(range(10, 50)))
+def test_a_failed_step_uncaches_only_the_blocks_it_was_to_fill(tiny_checkpoints):
+    cached_prompt, failing_prompt = ids(list(range(10, 50))), ids(list(range(100, 140)))
     with Engine.from_pretrained(tiny_checkpoints("llama")[0], block_size=4, model_runner_cls=FailOnDemand) as engine:
-        expected = engine.generate(prompt, GREEDY)[0]
-        assert engine.generator.block_manager.num_cached_blocks > 0
+        blocks = engine.generator.block_manager
+        expected = engine.generate([cached_prompt, failing_prompt], GREEDY)
+        engine.reset_prefix_cache()
+        assert_same_outputs(engine.generate(cached_prompt, GREEDY)[0], expected[0])
+        num_cached = blocks.num_cached_blocks
         FailOnDemand.fail = True
         try:
             with pytest.raises(RuntimeError, match="this step fails"):
-                engine.generate(ids(list(range(100, 140))), GREEDY)
+                engine.generate(failing_prompt, GREEDY)
         finally:
             FailOnDemand.fail = False
-        # The failed step's blocks were named before they were written: nothing cached may be trusted.
-        assert engine.generator.block_manager.num_cached_blocks == 0
-        again = engine.generate(prompt, GREEDY)[0]
-        assert again.num_cached_tokens == 0
-        assert_same_outputs(again, expected)
+        # The failed step's blocks were named before they were written: they are forgotten, the rest kept.
+        assert blocks.num_cached_blocks == num_cached and is_idle(engine)
+        again, failed_before = engine.generate([cached_prompt, failing_prompt], GREEDY)
+        assert again.num_cached_tokens == 36 and failed_before.num_cached_tokens == 0
+        assert_same_outputs(again, expected[0])
+        assert_same_outputs(failed_before, expected[1])
 
 
 QUESTIONS = ["What is the capital of France?", "And of Italy?", "Which of the two is further south?"]

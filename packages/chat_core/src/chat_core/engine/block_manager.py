@@ -121,8 +121,19 @@ class BlockManager:
         seq.block_table = []
         seq.num_registered_blocks = 0
 
+    def forget_uncomputed_blocks(self, seq: Sequence) -> None:
+        """Uncache the blocks of `seq` past its computed tokens: named when scheduled, they were not (all)
+        written, because the step that was to fill them failed."""
+        first = seq.num_computed_tokens // self.block_size
+        for block in seq.block_table[first : seq.num_registered_blocks]:
+            block_hash = self._block_hashes[block]
+            if block_hash is not None:
+                del self._cached[block_hash]
+                self._block_hashes[block] = None
+        seq.num_registered_blocks = min(seq.num_registered_blocks, first)
+
     def reset_prefix_cache(self) -> None:
-        """Forget every cached block (their contents may be wrong, e.g. after a failed step)."""
+        """Forget every cached block (blocks in use stay with their sequences)."""
         for block in self._evictable:
             self._free.append(block)
         self._evictable.clear()

@@ -118,8 +118,9 @@ class Generator:
         try:
             output = self.executor.execute_model(step.request)
         except BaseException:
-            # Blocks cached for this step may be half-written: no later request may read them.
-            self.block_manager.reset_prefix_cache()
+            # The blocks this step was to fill are cached already, but may be half-written.
+            for seq, _ in step.sequences:
+                self.block_manager.forget_uncomputed_blocks(seq)
             raise
         for seq, chunk in step.sequences:
             seq.num_computed_tokens += chunk
