@@ -150,7 +150,8 @@ def demo(session: nox.Session) -> None:
 BENCHMARKS = {
     "generate": "benchmarks/bench_generate.py",  # weight formats vs transformers: decode tokens/s, TTFT, load, memory
     "quality": "benchmarks/bench_quality.py",  # perplexity and top-1 agreement of each weight format
-    "serving": "benchmarks/bench_serving.py",  # chat-cli serve under 1, 8, 32 concurrent clients
+    "serving": "benchmarks/bench_serving.py",  # chat-cli serve under 1, 8, 32 clients; a shared system prompt, caching on/off
+    "multiturn": "benchmarks/bench_multiturn.py",  # 10-turn chat: time to first token per turn, prefix caching on/off
     "control-plane": "benchmarks/bench_control_plane.py",  # broadcast vs SPMD at tp=2 and pp=2
     "async-engine": "benchmarks/bench_async_engine.py",  # AsyncEngine on the event loop or a thread vs Engine
 }
@@ -158,7 +159,7 @@ BENCHMARKS = {
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """All benchmarks, or those named: `nox -s bench -- generate serving control-plane`."""
+    """All benchmarks, or those named: `nox -s bench -- generate serving multiturn control-plane`."""
     install_project(session, "transformers>=4.46", "accelerate", "psutil", "httpx")
     for name in session.posargs or list(BENCHMARKS):
         if name not in BENCHMARKS:

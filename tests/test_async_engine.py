@@ -271,3 +271,18 @@ def test_driver_choices_are_checked(tiny_chat_model):
         threaded.stop()
     finally:
         engine.shutdown()
+
+
+def test_stats_count_prefix_cache_queries_hits_and_evictions(engines):
+    async_engine, expected, _ = engines
+    before = async_engine.stats()
+
+    async def twice():
+        return [await _tokens(async_engine, PROMPTS[3]) for _ in range(2)]
+
+    assert asyncio.run(twice()) == [expected[3], expected[3]]
+    after = async_engine.stats()
+    # 40 tokens looked up twice; the second time all but the block holding the last token was found.
+    assert after.prefix_cache_queries - before.prefix_cache_queries == 80
+    assert after.prefix_cache_hits - before.prefix_cache_hits >= 32
+    assert 0 < after.prefix_cache_hit_rate < 1 and after.prefix_cache_evictions == 0

@@ -70,3 +70,12 @@ def test_quantize_and_enforce_eager_reach_the_engine(tiny_chat_model):
     assert result.stdout == expected + "\n"
     bad = chat_cli("generate", "--model", tiny_chat_model, "--quantize", "int3", "hello")
     assert bad.returncode != 0 and "int3" in bad.stderr
+
+
+def test_prefix_caching_is_on_unless_turned_off():
+    from chat_cli.main import build_parser
+    from chat_cli.options import engine_kwargs
+
+    for command in ("generate", "chat", "serve"):
+        assert engine_kwargs(build_parser().parse_args([command]))["enable_prefix_caching"] is True
+        assert engine_kwargs(build_parser().parse_args([command, "--no-prefix-caching"]))["enable_prefix_caching"] is False

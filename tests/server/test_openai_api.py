@@ -49,7 +49,27 @@ def test_streamed_chat_equals_the_whole_answer(smollm2_server):
     assert text == whole.choices[0].message.content
     assert finish == [whole.choices[0].finish_reason]
     assert len([c for c in chunks if c.choices]) > 3  # really streamed, not one chunk
-    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == []
+    assert (usage.prompt_tokens, usage.completion_tokens) == (whole.usage.prompt_tokens, whole.usage.completion_tokens)
+    # The same prompt a second time: all of it but the block holding its last token came from the cache.
+    assert usage.prompt_tokens_details.cached_tokens == (usage.prompt_tokens - 1) // 16 * 16
+
+
+def test_usage_counts_the_prompt_tokens_served_from_the_cache(smollm2_server):
+    client = smollm2_server.client()
+    system = {"role": "system", "content": "You answer questions about geography in one short sentence. " * 6}
+    first = client.chat.completions.create(
+        model=SMOLLM2_NAME, messages=[system, {"role": "user", "content": "Where is Lima?"}], temperature=0, max_tokens=4
+    )
+    second = client.chat.completions.create(
+        model=SMOLLM2_NAME, messages=[system, {"role": "user", "content": "Where is Oslo?"}], temperature=0, max_tokens=4
+    )
+    assert first.usage.prompt_tokens_details.cached_tokens == 0  # no earlier request had this system prompt
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached % 16 == 0 and 64 <= cached < second.usage.prompt_tokens  # the shared system prompt, in full blocks
+    completion = client.completions.create(model=SMOLLM2_NAME, prompt=[[7] * 40, [7] * 40], temperature=0, max_tokens=2)
+    assert completion.usage.prompt_tokens_details.cached_tokens == 32  # the second prompt found the first's 2 full blocks
 
 
 def test_completion_of_text_and_of_token_ids(smollm2_server, smollm2_engine):
@@ -189,9 +209,17 @@ def test_health_and_metrics(smollm2_server):
         'chat_requests_finished_total{finish_reason="stop"}',
         "chat_time_to_first_token_seconds_count",
         "chat_inter_token_latency_seconds_count",
+        "chat_prefix_cache_queries_total",
+        "chat_prefix_cache_hits_total",
+        "chat_prefix_cache_hit_rate",
+        "chat_prefix_cache_evictions_total",
     ):
         assert name in metrics, name
     assert metrics["chat_generation_tokens_total"] > 0 and metrics["chat_time_to_first_token_seconds_count"] > 0
+    # Every test above shares SmolLM2's default system prompt: some of each prompt was found in the cache.
+    assert 0 < metrics["chat_prefix_cache_hits_total"] < metrics["chat_prefix_cache_queries_total"]
+    rate = metrics["chat_prefix_cache_hits_total"] / metrics["chat_prefix_cache_queries_total"]
+    assert metrics["chat_prefix_cache_hit_rate"] == pytest.approx(rate, abs=0.01)
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_sequence(smollm2_server):

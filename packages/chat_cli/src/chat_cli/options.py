@@ -35,6 +35,12 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
         metavar="MODULE:CLASS",
         help="your own ModelRunnerBase subclass, imported on every rank (default: the built-in Llama runner)",
     )
+    group.add_argument(
+        "--prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV cache of prompt prefixes seen before: earlier chat turns, shared system prompts (default: on)",
+    )
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, *, max_tokens: int) -> None:
@@ -59,6 +65,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "quantization": args.quantize,
         "quantization_group_size": args.group_size,
         "enforce_eager": args.enforce_eager,
+        "enable_prefix_caching": args.prefix_caching,
     }
     if args.max_model_len is not None:
         kwargs["max_model_len"] = args.max_model_len

@@ -28,6 +28,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     block_size: int = 16
     kv_cache_memory_gib: float = 1.0  # memory for the KV cache on each rank
+    enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes computed before
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     layers_per_stage: tuple[int, ...] | None = None
@@ -53,6 +54,8 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name}={value!r} is invalid: expected an integer >= 1")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"EngineConfig.max_model_len={self.max_model_len!r} is invalid: expected an integer >= 1")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"EngineConfig.enable_prefix_caching={self.enable_prefix_caching!r} is invalid: expected True or False")
         if self.kv_cache_memory_gib <= 0:
             raise ValueError(f"EngineConfig.kv_cache_memory_gib={self.kv_cache_memory_gib!r} must be > 0")
         if self.control_plane not in CONTROL_PLANES:

@@ -70,6 +70,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+    # Prompt tokens whose keys and values came from the prefix cache (not computed) when the request was
+    # first scheduled; with n > 1, those of its first completion (the others share its prompt blocks).
+    num_cached_tokens: int = 0
 
     @property
     def text(self) -> str:

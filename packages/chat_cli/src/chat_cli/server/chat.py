@@ -58,7 +58,7 @@ async def create_chat_completion(request: Request) -> Response:
         )
         for completion in output.outputs
     ]
-    usage = Usage.of(output.num_prompt_tokens, output.num_completion_tokens)
+    usage = Usage.of(output.num_prompt_tokens, output.num_completion_tokens, output.num_cached_tokens)
     response = ChatCompletionResponse(id=response_id, created=created, model=model, choices=choices, usage=usage)
     return JSONResponse(response.model_dump(mode="json"))
 
@@ -86,7 +86,7 @@ async def _events(
             yield DONE
             return
         if body.include_usage_in_stream:
-            yield chunk([], Usage.of(group.num_prompt_tokens, tracker.num_completion_tokens()))
+            yield chunk([], Usage.of(group.num_prompt_tokens, tracker.num_completion_tokens(), tracker.num_cached_tokens()))
         yield DONE
     finally:
         await group.aclose()

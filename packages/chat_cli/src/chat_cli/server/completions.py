@@ -48,7 +48,11 @@ async def create_completion(request: Request) -> Response:
         for prompt_index, output in enumerate(outputs)
         for completion in output.outputs
     ]
-    usage = Usage.of(group.num_prompt_tokens, sum(output.num_completion_tokens for output in outputs))
+    usage = Usage.of(
+        group.num_prompt_tokens,
+        sum(output.num_completion_tokens for output in outputs),
+        sum(output.num_cached_tokens for output in outputs),
+    )
     response = CompletionResponse(id=response_id, created=created, model=model, choices=choices, usage=usage)
     return JSONResponse(response.model_dump(mode="json"))
 
@@ -74,7 +78,7 @@ async def _events(group: RequestGroup, body: CompletionRequest, response_id: str
             yield DONE
             return
         if body.include_usage_in_stream:
-            yield chunk([], Usage.of(group.num_prompt_tokens, tracker.num_completion_tokens()))
+            yield chunk([], Usage.of(group.num_prompt_tokens, tracker.num_completion_tokens(), tracker.num_cached_tokens()))
         yield DONE
     finally:
         await group.aclose()

@@ -44,6 +44,18 @@ class _EngineCollector(Collector):
             stats.max_sequences_in_step,
         )
         yield CounterMetricFamily("chat_preemptions", "Sequences preempted for lack of KV cache.", stats.preemptions)
+        yield CounterMetricFamily(
+            "chat_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries
+        )
+        yield CounterMetricFamily(
+            "chat_prefix_cache_hits", "Prompt tokens found in the prefix cache (not computed again).", stats.prefix_cache_hits
+        )
+        yield GaugeMetricFamily(
+            "chat_prefix_cache_hit_rate", "Prefix cache hits / queries, in tokens, since start.", stats.prefix_cache_hit_rate
+        )
+        yield CounterMetricFamily(
+            "chat_prefix_cache_evictions", "Cached KV blocks whose memory went to other tokens.", stats.prefix_cache_evictions
+        )
         yield GaugeMetricFamily(
             "chat_engine_healthy", "1 while the engine takes requests, 0 once it is dead.", float(self.async_engine.healthy)
         )

@@ -83,3 +83,6 @@ class DeltaTracker:
 
     def num_completion_tokens(self) -> int:
         return sum(output.num_completion_tokens for output in self.latest.values())
+
+    def num_cached_tokens(self) -> int:
+        return sum(output.num_cached_tokens for output in self.latest.values())

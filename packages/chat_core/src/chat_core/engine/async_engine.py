@@ -56,6 +56,13 @@ class EngineStats:
     generation_tokens: int
     prompt_tokens: int
     healthy: bool
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, tokens found there (not computed again)
+    prefix_cache_evictions: int = 0  # cached blocks given to other tokens
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
 
 @dataclass
@@ -212,6 +219,7 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         scheduler = self.engine.generator.scheduler
+        prefix_cache = self.engine.prefix_cache_stats
         return EngineStats(
             num_running=len(scheduler.running),
             num_waiting=len(scheduler.waiting),
@@ -222,6 +230,9 @@ class AsyncEngine:
             generation_tokens=self._generation_tokens,
             prompt_tokens=self._prompt_tokens,
             healthy=self._dead is None,
+            prefix_cache_queries=prefix_cache.queries,
+            prefix_cache_hits=prefix_cache.hits,
+            prefix_cache_evictions=prefix_cache.evictions,
         )
 
     @property

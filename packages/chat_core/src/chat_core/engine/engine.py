@@ -11,6 +11,7 @@ from typing_extensions import Self
 
 from chat_core.checkpoint.aliases import DEFAULT_MODEL
 from chat_core.checkpoint.checkpoint import Checkpoint, open_checkpoint
+from chat_core.engine.block_manager import PrefixCacheStats
 from chat_core.engine.executor import Executor, LocalExecutor
 from chat_core.engine.generator import Generator
 from chat_core.engine.scheduler import SchedulerConfig
@@ -64,6 +65,7 @@ class Engine:
             block_size=config.block_size,
             vocab_size=self.model_config.vocab_size,
             eos_token_ids=tuple(dict.fromkeys(eos_ids + self.model_config.eos_token_ids)),
+            enable_prefix_caching=config.enable_prefix_caching,
         )
         self._request_ids = itertools.count()
         self._closed = False
@@ -81,9 +83,9 @@ class Engine:
     ) -> Engine:
         """Load a model from a directory, a GGUF file or an alias (default: SmolLM2-135M-Instruct).
 
-        `dtype` is that of the activations (and of dense weights): "auto" is bfloat16 for quantized weights
-        and on CUDA, float32 otherwise. `options` are further `EngineConfig` fields (quantization,
-        max_model_len, max_num_seqs, kv_cache_memory_gib, model_runner_cls, control_plane, ...).
+        `dtype` is that of the activations (and of dense weights): "auto" is bfloat16 on CUDA, float32 on
+        the CPU. `options` are further `EngineConfig` fields (quantization, max_model_len, max_num_seqs,
+        kv_cache_memory_gib, enable_prefix_caching, model_runner_cls, control_plane, ...).
         """
         config = EngineConfig(
             model=str(model),
@@ -102,6 +104,15 @@ class Engine:
     @property
     def max_model_len(self) -> int:
         return self.generator.max_model_len
+
+    @property
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """Tokens looked up in the prefix cache and found there, and blocks evicted from it, so far."""
+        return self.generator.block_manager.stats
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (blocks in use are kept); e.g. before timing a cold start."""
+        self.generator.block_manager.reset_prefix_cache()
 
     # Prompts
     def encode_prompt(self, prompt: PromptInput) -> tuple[str | None, list[int]]:

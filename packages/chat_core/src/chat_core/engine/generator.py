@@ -34,12 +34,13 @@ class Generator:
         block_size: int,
         vocab_size: int,
         eos_token_ids: tuple[int, ...],
+        enable_prefix_caching: bool = True,
     ) -> None:
         self.executor = executor
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
         self.vocab_size = vocab_size
-        self.block_manager = BlockManager(executor.num_kv_blocks, block_size)
+        self.block_manager = BlockManager(executor.num_kv_blocks, block_size, enable_prefix_caching=enable_prefix_caching)
         # A sequence can never outgrow the whole cache, or it would preempt itself forever.
         self.max_model_len = min(scheduler_config.max_model_len, executor.num_kv_blocks * block_size)
         self.scheduler = Scheduler(scheduler_config, self.block_manager)
@@ -114,7 +115,13 @@ class Generator:
         step = self.scheduler.schedule()
         if not step.sequences:
             return []
-        output = self.executor.execute_model(step.request)
+        try:
+            output = self.executor.execute_model(step.request)
+        except BaseException:
+            # The blocks this step was to fill are cached already, but may be half-written.
+            for seq, _ in step.sequences:
+                self.block_manager.forget_uncomputed_blocks(seq)
+            raise
         for seq, chunk in step.sequences:
             seq.num_computed_tokens += chunk
         changed: dict[str, RequestState] = {}

@@ -51,6 +51,7 @@ class RequestState:
             prompt_token_ids=self.prompt_token_ids,
             outputs=[c.completion() for c in self.completions],
             finished=self.finished,
+            num_cached_tokens=self.completions[0].seq.num_cached_tokens or 0,
         )
 
 

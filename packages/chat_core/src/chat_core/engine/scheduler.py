@@ -2,9 +2,11 @@
 
 Running sequences go first (a decode is one token), then waiting ones are admitted in arrival order
 while the step's token budget, the sequence limit and the KV cache allow; a prompt longer than what
-is left of the budget is prefilled in chunks over several steps. When a running sequence needs a
-block and none is free, the most recently arrived running sequence is preempted: its blocks are
-freed and it waits to be recomputed from its tokens so far, never dropped.
+is left of the budget is prefilled in chunks over several steps. A sequence that is admitted
+computes only what follows the longest prefix the block manager's prefix cache already holds. When
+a running sequence needs a block and none is free, the most recently arrived running sequence is
+preempted: its blocks are freed and it waits to be recomputed from its tokens so far (from its own
+blocks, if they are still cached), never dropped.
 """
 
 from __future__ import annotations
@@ -94,14 +96,20 @@ class Scheduler:
             step.sequences.append((seq, chunk))
             budget -= chunk
 
-        # Then admit waiting sequences in arrival order while they fit.
+        # Then admit waiting sequences in arrival order while they fit. A waiting sequence has nothing
+        # in the cache of its own; it starts after the longest prefix the prefix cache holds.
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            chunk = min(seq.num_uncomputed_tokens, budget)
-            if not self.block_manager.can_allocate(seq, seq.num_computed_tokens + chunk):
+            cached_blocks = self.block_manager.find_cached_prefix(seq)
+            num_cached = len(cached_blocks) * self.block_manager.block_size
+            chunk = min(seq.num_tokens - num_cached, budget)
+            if not self.block_manager.can_allocate(seq, num_cached + chunk, cached_blocks):
                 break  # wait for running sequences to finish and free blocks
             self.waiting.popleft()
-            self.block_manager.allocate(seq, seq.num_computed_tokens + chunk)
+            self.block_manager.allocate(seq, num_cached + chunk, cached_blocks)
+            seq.num_computed_tokens = num_cached
+            if seq.num_cached_tokens is None:
+                seq.num_cached_tokens = num_cached
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             step.sequences.append((seq, chunk))

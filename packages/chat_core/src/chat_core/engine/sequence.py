@@ -28,6 +28,11 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     block_table: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0  # tokens whose keys and values are in the cache
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first scheduled
+    # Kept by the block manager for prefix caching: the hash of each full block of tokens so far, and
+    # how many leading blocks of block_table are known to the cache (taken from it or registered).
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_registered_blocks: int = 0
     num_preemptions: int = 0
     finish_reason: str | None = None
     stop_reason: str | int | None = None
