@@ -312,6 +312,7 @@ QUESTIONS = ["What is the capital of France?", "And of Italy?", "Which of the tw
 
 def test_each_chat_turn_finds_the_conversation_so_far_in_the_cache(smollm2_engine):
     engine, block_size = smollm2_engine, smollm2_engine.config.block_size
+    engine.reset_prefix_cache()  # the engine is the session's: earlier tests may have asked the same first question
     params = SamplingParams(temperature=0, max_tokens=24)
     messages: list[dict] = []
     previous: list[int] = []  # the last turn's prompt and answer, as the model saw them
