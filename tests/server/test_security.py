@@ -91,7 +91,8 @@ def test_cors_allows_only_the_origins_given(serve):
     refused = httpx.options(
         f"{url}/v1/chat/completions", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
     )
-    assert refused.status_code == 400 and "access-control-allow-origin" not in refused.headers
+    assert "access-control-allow-origin" not in refused.headers
+    assert assert_openai_error(refused, 400)["message"] == "CORS preflight refused: origin not allowed"
 
 
 @pytest.mark.parametrize("text", ["app.example.com", "ftp://x", "https://a.example,"])
@@ -131,3 +132,20 @@ def test_listening_beyond_this_machine_without_a_key_warns(tiny_chat_model, tmp_
     finally:
         assert stop_server(server.process) == 0
     assert "warning: serving on 0.0.0.0 without an API key" in server.log()
+
+
+def test_an_early_refusal_of_a_large_body_is_read_not_reset(serve):
+    """A 401 sent before the body is read: the server reads the body first, so the client gets the answer
+    (closing with unread data would reset the connection) and can send its next request on the same connection."""
+    url = serve(api_key=KEY, max_body_bytes=4 << 20)
+    body = b'{"messages": [{"role": "user", "content": "' + b"x" * (2 << 20) + b'"}]}'
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for connection in ("close", "keep-alive", "keep-alive"):
+            refused = client.post(
+                "/v1/chat/completions",
+                content=body,
+                # A client that sends its body without waiting for the 100 it asks for (httpx, curl after 1 s).
+                headers={"Authorization": "Bearer wrong", "Connection": connection, "Expect": "100-continue"},
+            )
+            assert_openai_error(refused, 401, code="invalid_api_key")
+        assert client.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200

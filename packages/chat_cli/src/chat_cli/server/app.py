@@ -6,14 +6,16 @@ import hashlib
 import hmac
 
 from fastapi import APIRouter, Depends, FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from chat_cli.server.body import drain_unread_body
 from chat_cli.server.chat import create_chat_completion
 from chat_cli.server.completions import create_completion
+from chat_cli.server.cors import CORS
 from chat_cli.server.errors import APIError, install_error_handlers
 from chat_cli.server.metrics import ServerMetrics
+from chat_cli.server.openapi import install_openapi
 from chat_cli.server.page import add_page_routes
 from chat_cli.server.protocol import ModelCard, ModelList
 from chat_cli.server.request_group import ClientDisconnected
@@ -28,7 +30,11 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="chat-cli", summary="An OpenAI-compatible server for chat-core models.")
     metrics = ServerMetrics(async_engine)
     app.state.server = ServerState(async_engine, settings, metrics)
-    install_error_handlers(app, on_error=lambda status: metrics.errors.labels(str(status)).inc())
+    install_error_handlers(
+        app,
+        on_error=lambda status: metrics.errors.labels(str(status)).inc(),
+        before_error=lambda request: drain_unread_body(request, settings.max_body_bytes),
+    )
     app.add_exception_handler(ClientDisconnected, _client_disconnected)
 
     api = APIRouter(prefix="/v1", dependencies=[Depends(_require_api_key)])
@@ -39,14 +45,9 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     app.add_api_route("/health", _health, methods=["GET"])
     app.add_api_route("/metrics", _metrics, methods=["GET"])
     add_page_routes(app)  # the chat page at /
+    install_openapi(app, settings, async_engine.engine.max_model_len)
     if settings.allowed_origins:  # off by default: browsers on other sites cannot call this server
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=list(settings.allowed_origins),
-            allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type"],
-            expose_headers=["Retry-After"],
-        )
+        app.add_middleware(CORS, allowed_origins=settings.allowed_origins)
     return app
 
 
