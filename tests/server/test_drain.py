@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
+import sys
 import threading
 import time
 
@@ -105,6 +107,35 @@ def test_a_signal_refuses_new_requests_and_lets_those_in_flight_finish(tiny_chat
     assert "Traceback" not in log and "ERROR" not in log and "warning" not in log, log
     _, alive = psutil.wait_procs(ranks, timeout=15)
     assert not alive
+
+
+def test_under_torchrun_sigterm_drains_too(tiny_chat_model, tmp_path):
+    """torchrun passes SIGTERM on to every rank: the other ranks wait for rank 0 to stop them after its drain."""
+    max_tokens = 100
+    [expected] = alone(tiny_chat_model, (QUESTION, max_tokens))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        master_port = s.getsockname()[1]
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(master_port), "-m")
+    server = start_server(
+        "--model", tiny_chat_model, "--shutdown-timeout", "300",
+        log_dir=str(tmp_path), env={"OMP_NUM_THREADS": "1"}, launcher=launcher,
+    )  # fmt: skip
+    try:
+        ranks = [p for p in ranks_of(server) if "chat_cli" in " ".join(p.cmdline())]
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=stream_body(max_tokens), timeout=300) as stream:
+            lines = stream.iter_lines()
+            first = events_of([next(line for line in lines if line.startswith("data: "))])
+            server.process.send_signal(signal.SIGTERM)  # to torchrun, which sends it to both ranks
+            wait_for(lambda: httpx.get(f"{server.url}/health", timeout=30).status_code == 503, "the drain to begin")
+            rest = events_of(lines)
+        server.process.wait(timeout=120)  # torchrun itself exits non-zero on SIGTERM; what matters is its ranks
+    finally:
+        stop_server(server.process)
+    assert rest[-1] == "[DONE]" and streamed_text(first + rest) == expected
+    assert "1 of 1 request(s) in flight ended" in server.log() and "cut short" not in server.log()
+    _, alive = psutil.wait_procs(ranks, timeout=15)
+    assert len(ranks) == 2 and not alive
 
 
 @pytest.mark.parametrize("timeout, signals", [("0.5", 1), ("300", 2)], ids=["grace-period-over", "second-signal"])

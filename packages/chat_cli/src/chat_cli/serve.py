@@ -12,7 +12,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from chat_cli.server.settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_MESSAGES, DEFAULT_MAX_N
 from chat_core import Engine
@@ -139,10 +139,11 @@ class _Signals:
         self.count += 1
 
 
-def _serve_http(*args: Any) -> None:
-    state: ServerState = args[3]
+def _serve_http(  # type: ignore[no-untyped-def]
+    server, listener: socket.socket, ready_line: str, state: ServerState, signals: _Signals, shutdown_timeout: float
+) -> None:
     try:
-        asyncio.run(_serve(*args))
+        asyncio.run(_serve(server, listener, ready_line, state, signals, shutdown_timeout))
     finally:
         state.async_engine.stop()  # however HTTP ended, end the engine loop on the main thread
 
