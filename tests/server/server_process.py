@@ -6,9 +6,9 @@ import os
 import re
 import selectors
 import signal
+import socket
 import subprocess
 import sys
-import socket
 import tempfile
 import threading
 import time
