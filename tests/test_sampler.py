@@ -143,6 +143,13 @@ def test_penalties_follow_their_definitions(logits, repetition, presence, freque
         ("stop", [""]),
         ("seed", 1.5),
         ("temperature", float("nan")),
+        # Values that would overflow the tensors they reach (found by tests/soak/fuzz_api.py).
+        ("top_k", 2**63),
+        ("seed", 2**64),
+        ("stop_token_ids", [2**63]),
+        ("repetition_penalty", float("inf")),
+        ("repetition_penalty", 1e308),
+        ("temperature", 10**400),
     ],
 )
 def test_invalid_sampling_params_name_the_field(field, value):

@@ -1,4 +1,4 @@
-"""A real `python -m chat_cli serve` process: started, waited for, talked to, stopped."""
+"""A real `python -m chat_cli serve` process: started, waited for, talked to, stopped; or an app served in this process."""
 
 from __future__ import annotations
 
@@ -6,14 +6,19 @@ import os
 import re
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx
 import openai
+import uvicorn
 
 SMOLLM2_NAME = "smollm2"
 SMOLLM2_MAX_MODEL_LEN = 2048
@@ -104,3 +109,22 @@ def stop_server(process: subprocess.Popen[str], timeout: float = 30) -> int:
             process.kill()
             process.wait()
     return process.returncode
+
+
+@contextmanager
+def serve_in_thread(app) -> Iterator[str]:
+    """An ASGI app served by uvicorn on a thread of this process, at the URL it yields (real HTTP, in-process state)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        listener.close()

@@ -7,21 +7,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx
 import pytest
-import uvicorn
 
 from chat_cli.server import ServerSettings, build_app
 from chat_core import Engine
 from chat_core.engine.async_engine import AsyncEngine
+from server_process import serve_in_thread
 
 HELLO = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
 
@@ -56,24 +53,6 @@ class Faults:
 class FaultyServer:
     url: str
     faults: Faults
-
-
-@contextmanager
-def serve_in_thread(app) -> Iterator[str]:
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        listener.close()
 
 
 @pytest.fixture

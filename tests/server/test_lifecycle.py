@@ -88,7 +88,8 @@ def test_a_dead_rank_makes_the_server_unhealthy_and_it_still_shuts_down_cleanly(
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_stops_the_server_cleanly_even_mid_stream(tiny_chat_model, tmp_path, sig):
-    server = start_server("--model", tiny_chat_model, log_dir=str(tmp_path))
+    # No grace period: the open stream is cut short at once (tests/server/test_drain.py lets it finish).
+    server = start_server("--model", tiny_chat_model, "--shutdown-timeout", "0", log_dir=str(tmp_path))
     try:
         body = {"messages": QUESTION, "max_tokens": 400, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as response:

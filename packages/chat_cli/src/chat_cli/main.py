@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -43,6 +44,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Under torchrun every rank runs this same command; only rank 0 reads input and prints.
         from chat_core import EngineConfig
         from chat_distributed import run_torchrun_worker
+
+        if args.command == "serve":
+            # torchrun forwards SIGTERM (and a terminal's Ctrl-C reaches every rank): rank 0 drains the server,
+            # then stops this rank itself; dying now would fail the answers it lets finish.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
         run_torchrun_worker(EngineConfig(model=args.model, **kwargs))
         return 0

@@ -24,6 +24,10 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128], help="int4 group size (default 32)")
     group.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
     group.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, at most 8192)")
+    group.add_argument("--max-num-seqs", type=int, default=None, help="the most sequences in one batch (default: 64)")
+    group.add_argument(
+        "--kv-cache-memory", type=float, default=None, metavar="GIB", help="memory for the KV cache on each rank, in GiB (default: 1)"
+    )
     group.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
     group.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages")
     group.add_argument(
@@ -69,6 +73,10 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.max_model_len is not None:
         kwargs["max_model_len"] = args.max_model_len
+    if args.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = args.max_num_seqs
+    if args.kv_cache_memory is not None:
+        kwargs["kv_cache_memory_gib"] = args.kv_cache_memory
     if args.model_runner_cls is not None:
         kwargs["model_runner_cls"] = args.model_runner_cls
     return kwargs

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+_INT64_MAX = 2**63 - 1  # what reaches a tensor must fit in one
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass(frozen=True, repr=False)
@@ -51,16 +54,16 @@ class SamplingParams:
         check(_is_int(self.n) and self.n >= 1, "n", "an integer >= 1")
         check(_is_number(self.temperature) and self.temperature >= 0, "temperature", "a number >= 0")
         check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]")
-        check(_is_int(self.top_k) and self.top_k >= 0, "top_k", "an integer >= 0 (0 or -1 disables it)")
+        check(_is_int(self.top_k) and 0 <= self.top_k <= _INT64_MAX, "top_k", "an integer >= 0 (0 or -1 disables it)")
         check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", "a number in [0, 1]")
-        check(self.seed is None or _is_int(self.seed), "seed", "an integer or None")
+        check(self.seed is None or (_is_int(self.seed) and -(2**63) <= self.seed < 2**64), "seed", "a 64-bit integer or None")
         check(
             self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
             "max_tokens",
             "an integer >= 1 or None (up to the context length)",
         )
         check(all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings")
-        check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "non-negative integers")
+        check(all(_is_int(t) and 0 <= t <= _INT64_MAX for t in self.stop_token_ids), "stop_token_ids", "token ids (integers >= 0)")
         check(
             self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
             "logprobs",
@@ -95,4 +98,10 @@ def _is_int(value: object) -> bool:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # rejects NaN
+    # NaN, infinities and numbers beyond a float32 would reach the logits and spoil every sequence of the batch.
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value) and abs(value) <= _FLOAT32_MAX
+    except OverflowError:  # an int too large for a float
+        return False

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 
 from fastapi import APIRouter, Depends, FastAPI
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from chat_cli.server.body import drain_unread_body
 from chat_cli.server.chat import create_chat_completion
 from chat_cli.server.completions import create_completion
+from chat_cli.server.cors import CORS
 from chat_cli.server.errors import APIError, install_error_handlers
 from chat_cli.server.metrics import ServerMetrics
+from chat_cli.server.openapi import install_openapi
 from chat_cli.server.page import add_page_routes
 from chat_cli.server.protocol import ModelCard, ModelList
 from chat_cli.server.request_group import ClientDisconnected
 from chat_cli.server.settings import ServerSettings
-from chat_cli.server.state import ServerState, server_state
+from chat_cli.server.state import ServerState, server_state, shutting_down
 from chat_core.engine.async_engine import AsyncEngine
 
 _CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; nobody reads it
@@ -26,7 +30,11 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="chat-cli", summary="An OpenAI-compatible server for chat-core models.")
     metrics = ServerMetrics(async_engine)
     app.state.server = ServerState(async_engine, settings, metrics)
-    install_error_handlers(app, on_error=lambda status: metrics.errors.labels(str(status)).inc())
+    install_error_handlers(
+        app,
+        on_error=lambda status: metrics.errors.labels(str(status)).inc(),
+        before_error=lambda request: drain_unread_body(request, settings.max_body_bytes),
+    )
     app.add_exception_handler(ClientDisconnected, _client_disconnected)
 
     api = APIRouter(prefix="/v1", dependencies=[Depends(_require_api_key)])
@@ -37,6 +45,9 @@ def build_app(async_engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     app.add_api_route("/health", _health, methods=["GET"])
     app.add_api_route("/metrics", _metrics, methods=["GET"])
     add_page_routes(app)  # the chat page at /
+    install_openapi(app, settings, async_engine.engine.max_model_len)
+    if settings.allowed_origins:  # off by default: browsers on other sites cannot call this server
+        app.add_middleware(CORS, allowed_origins=settings.allowed_origins)
     return app
 
 
@@ -47,8 +58,13 @@ async def _require_api_key(request: Request) -> None:
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not key:
         raise APIError(401, "no API key: send it as 'Authorization: Bearer <key>'", code="invalid_api_key")
-    if not hmac.compare_digest(key.strip().encode(), expected.encode()):  # constant time: no guessing by timing
+    if not _same_key(key.strip(), expected):
         raise APIError(401, "the API key is not valid for this server", code="invalid_api_key")
+
+
+def _same_key(given: str, expected: str) -> bool:
+    """Compared in constant time, as digests of one length, so neither the key nor its length can be guessed by timing."""
+    return hmac.compare_digest(hashlib.sha256(given.encode()).digest(), hashlib.sha256(expected.encode()).digest())
 
 
 async def _list_models(request: Request) -> JSONResponse:
@@ -61,6 +77,8 @@ async def _health(request: Request) -> Response:
     state = server_state(request)
     if not state.async_engine.healthy:
         raise APIError(503, "the engine is dead and takes no more requests; restart the server", code="engine_dead")
+    if state.draining:  # load balancers stop sending requests here while the ones in flight finish
+        raise shutting_down()
     stats = state.async_engine.stats()
     return JSONResponse({"status": "ok", "sequences_running": stats.num_running, "sequences_waiting": stats.num_waiting})
 

@@ -32,7 +32,7 @@ async def create_chat_completion(request: Request) -> Response:
     check_request(body, state.settings)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request(f"top_logprobs={body.top_logprobs} needs logprobs=true", param="top_logprobs")
-    prompt = chat_prompt(state.engine, body)
+    prompt = chat_prompt(state.engine, body, state.settings)
     params = sampling_params(
         body,
         max_tokens=body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,

@@ -21,7 +21,7 @@ async def create_completion(request: Request) -> Response:
     state = server_state(request)
     body = await read_request(request, CompletionRequest, state.settings.max_body_bytes)
     check_request(body, state.settings)
-    prompts = completion_prompts(state.engine, body)
+    prompts = completion_prompts(state.engine, body, state.settings)
     params = sampling_params(
         body,
         max_tokens=body.max_tokens,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -108,21 +108,26 @@ def from_engine_error(exc: BaseException) -> APIError:
     return APIError(500, f"the engine failed while running this request: {type(exc).__name__}: {exc}", code="engine_error")
 
 
-def install_error_handlers(app: FastAPI, on_error: Callable[[int], None]) -> None:
-    """Every error response in OpenAI's format; `on_error(status)` is told of each (for metrics)."""
+def install_error_handlers(
+    app: FastAPI, on_error: Callable[[int], None], before_error: Callable[[Request], Awaitable[None]]
+) -> None:
+    """Every error response in OpenAI's format; `on_error(status)` is told of each (for metrics), and
+    `before_error(request)` runs before it is sent (to read what is left of the request)."""
 
-    def respond(error: APIError) -> JSONResponse:
+    async def respond(request: Request, error: APIError) -> JSONResponse:
         on_error(error.status)
+        await before_error(request)
         return error.response()
 
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return respond(exc)
+        return await respond(request, exc)
 
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return respond(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", headers=exc.headers))
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return await respond(request, APIError(exc.status_code, message, headers=exc.headers))
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        return respond(from_engine_error(exc))
+        return await respond(request, from_engine_error(exc))
 
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)

@@ -56,6 +56,12 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily(
             "chat_prefix_cache_evictions", "Cached KV blocks whose memory went to other tokens.", stats.prefix_cache_evictions
         )
+        yield GaugeMetricFamily("chat_kv_cache_blocks", "KV cache blocks in all.", stats.num_kv_blocks)
+        yield GaugeMetricFamily(
+            "chat_kv_cache_free_blocks",
+            "KV cache blocks no sequence holds (never used, or cached and evictable).",
+            stats.num_free_kv_blocks,
+        )
         yield GaugeMetricFamily(
             "chat_engine_healthy", "1 while the engine takes requests, 0 once it is dead.", float(self.async_engine.healthy)
         )

@@ -27,7 +27,9 @@ def check_request(request: SamplingRequest, settings: ServerSettings) -> None:
         )
     refuse_unsupported(request)
     if request.n > settings.max_n:
-        raise bad_request(f"n={request.n} is above this server's limit of {settings.max_n} completions per request", param="n")
+        raise bad_request(
+            f"n={request.n} is above this server's limit of {settings.max_n} completions per request (--max-n)", param="n"
+        )
 
 
 def refuse_unsupported(request: RequestModel) -> None:
@@ -39,17 +41,29 @@ def refuse_unsupported(request: RequestModel) -> None:
         )
 
 
-def chat_prompt(engine: Engine, request: ChatCompletionRequest) -> EnginePrompt:
+def chat_prompt(engine: Engine, request: ChatCompletionRequest, settings: ServerSettings) -> EnginePrompt:
     """The conversation rendered with the model's chat template and tokenized."""
+    if len(request.messages) > settings.max_messages:
+        raise bad_request(
+            f"the request has {len(request.messages)} messages, above this server's limit of {settings.max_messages} "
+            "(--max-messages)",
+            param="messages",
+        )
     try:
         return engine.chat_prompt([m.as_template_message() for m in request.messages])
     except ValueError as exc:  # no tokenizer or template, or the template refused the conversation
         raise bad_request(f"the messages cannot be rendered with this model's chat template: {exc}", param="messages") from exc
 
 
-def completion_prompts(engine: Engine, request: CompletionRequest) -> list[EnginePrompt]:
+def completion_prompts(engine: Engine, request: CompletionRequest, settings: ServerSettings) -> list[EnginePrompt]:
+    texts_or_ids = request.prompts()
+    if len(texts_or_ids) > settings.max_prompts:
+        raise bad_request(
+            f"the request has {len(texts_or_ids)} prompts, above this server's limit of {settings.max_prompts} per request",
+            param="prompt",
+        )
     prompts = []
-    for prompt in request.prompts():
+    for prompt in texts_or_ids:
         try:
             text, token_ids = engine.encode_prompt(prompt)
         except (ValueError, TypeError) as exc:  # e.g. text for a model without a tokenizer
@@ -79,7 +93,7 @@ def sampling_params(
         )
     limit = settings.max_tokens_limit
     if max_tokens is not None and limit is not None and max_tokens > limit:
-        raise bad_request(f"max_tokens={max_tokens} is above this server's limit of {limit}", param="max_tokens")
+        raise bad_request(f"max_tokens={max_tokens} is above this server's limit of {limit} (--max-tokens-limit)", param="max_tokens")
     if max_tokens is not None and longest + max_tokens > max_model_len:
         raise bad_request(
             f"the prompt has {longest} tokens and max_tokens is {max_tokens}, but this model's context holds "

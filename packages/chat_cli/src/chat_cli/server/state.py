@@ -23,26 +23,39 @@ class ServerState:
     settings: ServerSettings
     metrics: ServerMetrics
     groups: set[RequestGroup] = field(default_factory=set)  # the requests in flight
-    stopping: bool = False
+    draining: bool = False  # shutting down: no new requests; those in flight may finish
+    stopping: bool = False  # the requests still in flight are being ended
 
     @property
     def engine(self) -> Engine:
         return self.async_engine.engine
 
     def new_group(self, prompts: list[EnginePrompt], params: SamplingParams, request_id: str) -> RequestGroup:
-        if self.stopping:
-            raise _shutting_down()
+        if self.draining or self.stopping:
+            raise shutting_down()
         return RequestGroup(self.async_engine, self.metrics, prompts, params, request_id, self.groups)
+
+    def start_draining(self) -> None:
+        """Take no new requests (503 with Retry-After; /health too); those in flight go on."""
+        self.draining = True
 
     def stop_requests(self) -> None:
         """End every request in flight with a 503 (streams get it as their last event) and take no more."""
-        self.stopping = True
+        self.draining = self.stopping = True
         for group in list(self.groups):
-            group.fail(_shutting_down())
+            group.fail(shutting_down())
 
 
-def _shutting_down() -> APIError:
-    return APIError(503, "the server is shutting down; retry on another one", code="server_shutting_down")
+SHUTDOWN_RETRY_AFTER_S = 1  # another replica (or this one restarted) can take the request at once
+
+
+def shutting_down() -> APIError:
+    return APIError(
+        503,
+        "the server is shutting down; retry on another one",
+        code="server_shutting_down",
+        headers={"Retry-After": str(SHUTDOWN_RETRY_AFTER_S)},
+    )
 
 
 def server_state(request: Request) -> ServerState:

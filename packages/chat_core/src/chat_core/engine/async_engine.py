@@ -59,6 +59,8 @@ class EngineStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of those, tokens found there (not computed again)
     prefix_cache_evictions: int = 0  # cached blocks given to other tokens
+    num_kv_blocks: int = 0  # KV cache blocks in all
+    num_free_kv_blocks: int = 0  # of those, blocks no sequence holds (never used, or cached and evictable)
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -219,6 +221,7 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         scheduler = self.engine.generator.scheduler
+        block_manager = self.engine.generator.block_manager
         prefix_cache = self.engine.prefix_cache_stats
         return EngineStats(
             num_running=len(scheduler.running),
@@ -233,6 +236,8 @@ class AsyncEngine:
             prefix_cache_queries=prefix_cache.queries,
             prefix_cache_hits=prefix_cache.hits,
             prefix_cache_evictions=prefix_cache.evictions,
+            num_kv_blocks=block_manager.num_blocks,
+            num_free_kv_blocks=block_manager.num_free_blocks,
         )
 
     @property
