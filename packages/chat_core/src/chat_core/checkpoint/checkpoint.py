@@ -40,6 +40,9 @@ class Checkpoint:
     def load_tokenizer(self):  # -> Tokenizer | None
         raise NotImplementedError
 
+    def release_tensors(self) -> None:
+        """Close whatever maps the tensor data (once the model holds its weights); `tensors()` opens it again."""
+
     @property
     def generation_defaults(self) -> dict[str, Any]:
         """Sampling defaults the checkpoint suggests (generation_config.json), if any."""
@@ -146,10 +149,21 @@ class GGUFCheckpoint(Checkpoint):
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.file = GGUFFile(path)
+        self._file: GGUFFile | None = GGUFFile(path)
         config = ModelConfig.from_gguf_metadata(self.file.metadata, source=path)
         tied = "output.weight" not in self.file.tensors
         self.config = dataclasses.replace(config, tie_word_embeddings=tied)
+
+    @property
+    def file(self) -> GGUFFile:
+        if self._file is None:
+            self._file = GGUFFile(self.path)
+        return self._file
+
+    def release_tensors(self) -> None:
+        # The file's pages stay resident while it is mapped: as much memory again as the weights.
+        self._file = None
+        self.__dict__.pop("_hf_tensors", None)
 
     @cached_property
     def _hf_tensors(self) -> dict[str, TensorSource]:

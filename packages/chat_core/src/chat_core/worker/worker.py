@@ -7,7 +7,9 @@ control plane around them.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
+import sys
 from typing import Any
 
 import torch
@@ -59,6 +61,8 @@ class Worker(WorkerBase):
         runner_cls = resolve_model_runner_cls(self.engine_config.model_runner_cls)
         self.model_runner = runner_cls(self.engine_config, model_config, device=self.device, tp=self.tp, stage=stage)
         self.model_runner.load_model(self.checkpoint)
+        self.checkpoint.release_tensors()
+        _return_freed_memory()
 
     def determine_num_available_blocks(self) -> int:
         assert self.model_runner is not None, "load_model() first"
@@ -109,3 +113,13 @@ def resolve_model_runner_cls(spec: Any) -> type[ModelRunnerBase[Any]]:
 
 def _as_list(values: tuple[int, ...] | None) -> list[int] | None:
     return list(values) if values is not None else None
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap that loading freed (read buffers, staging copies) back to the OS: glibc keeps it otherwise."""
+    if sys.platform != "linux":
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # another C library (musl): nothing to trim
+        pass
