@@ -25,7 +25,15 @@ class ChildWatch:
     """Started at the beginning of a test; `left_behind()` names the children started since that are still alive."""
 
     def __init__(self) -> None:
-        self.before = {(p.pid, p.create_time()) for p in live_children()}
+        self.before = {_identity(p) for p in live_children()}
 
     def left_behind(self) -> list[psutil.Process]:
-        return [p for p in live_children() if (p.pid, p.create_time()) not in self.before]
+        return [p for p in live_children() if _identity(p) not in self.before]
+
+
+def _identity(process: psutil.Process) -> tuple[int, float]:
+    """(pid, start time): a pid alone may be reused."""
+    try:
+        return process.pid, process.create_time()
+    except psutil.NoSuchProcess:  # gone since it was listed
+        return process.pid, 0.0

@@ -4,6 +4,9 @@ Q4 tensors repacked exactly, whole models against their dense selves, and one co
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -250,3 +253,18 @@ def test_the_default_model_keeps_one_copy_of_each_weight(smollm2_path):
     padding = sum(64 * layer.self_attn.qkv_proj.input_size * (0.5 + 4 / 32) for layer in model.layers)
     assert expected <= weight_bytes <= expected + padding, (weight_bytes, expected)
     assert sum(formats[name] == "Q4_1" for name in shapes) == 210  # every Q4_1 matrix of the file was kept packed
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
+def test_the_checkpoint_file_is_not_kept_mapped_once_loaded(smollm2_path):
+    """A mapped file's pages count as resident memory: the GGUF is unmapped once its weights are in the model."""
+    script = (
+        "import sys; from chat_core import Engine, SamplingParams\n"
+        "engine = Engine.from_pretrained(sys.argv[1])\n"
+        "print(sum(sys.argv[1] in line for line in open('/proc/self/maps')))\n"
+        "print(engine.generate('The capital of France is', SamplingParams(temperature=0, max_tokens=4))[0].text)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, smollm2_path], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    mapped, text = result.stdout.split("\n", 1)
+    assert mapped == "0" and "Paris" in text
