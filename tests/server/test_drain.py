@@ -4,6 +4,7 @@ finish (up to --shutdown-timeout); then the rest is cut short, every rank stops 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import sys
@@ -15,7 +16,10 @@ import psutil
 import pytest
 
 from chat_core import Engine, SamplingParams
+from gated_runner import GATE_ENV
 from server_process import ServerProcess, start_server, stop_server
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 QUESTION = [{"role": "user", "content": "what is the capital"}]
 OTHER_QUESTION = [{"role": "user", "content": "hello world"}]
@@ -50,6 +54,12 @@ def streamed_text(events: list) -> str:
     return "".join(c["choices"][0]["delta"].get("content") or "" for c in events if isinstance(c, dict) and c.get("choices"))
 
 
+def gated(gate) -> tuple[list[str], dict[str, str]]:
+    """Options and environment of a server whose steps wait while the file `gate` exists (see gated_runner)."""
+    env = {"OMP_NUM_THREADS": "1", GATE_ENV: str(gate), "PYTHONPATH": os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")])}
+    return ["--model-runner-cls", "gated_runner:GatedRunner"], env
+
+
 def ranks_of(server: ServerProcess) -> list[psutil.Process]:
     return psutil.Process(server.process.pid).children(recursive=True)
 
@@ -73,9 +83,11 @@ def assert_refused_while_draining(server: ServerProcess) -> None:
 def test_a_signal_refuses_new_requests_and_lets_those_in_flight_finish(tiny_chat_model, tmp_path, sig, tp):
     streamed_tokens, whole_tokens = 100, 60  # many steps longer than the refusals checked meanwhile
     expected_stream, expected_whole = alone(tiny_chat_model, (QUESTION, streamed_tokens), (OTHER_QUESTION, whole_tokens))
+    gate = tmp_path / "hold"
+    options, env = gated(gate)
     server = start_server(
-        "--model", tiny_chat_model, "--tp", str(tp), "--shutdown-timeout", "300",
-        log_dir=str(tmp_path), env={"OMP_NUM_THREADS": "1"},
+        "--model", tiny_chat_model, "--tp", str(tp), "--shutdown-timeout", "300", *options,
+        log_dir=str(tmp_path), env=env,
     )  # fmt: skip
     try:
         ranks = ranks_of(server)
@@ -89,9 +101,11 @@ def test_a_signal_refuses_new_requests_and_lets_those_in_flight_finish(tiny_chat
             first = events_of([next(line for line in lines if line.startswith("data: "))])
             thread.start()
             wait_for(lambda: server.metrics()["chat_sequences_running"] == 2, "both requests to run")
+            gate.touch()  # both stay in flight until the refusals are checked, however fast the machine
             server.process.send_signal(sig)
             wait_for(lambda: httpx.get(f"{server.url}/health", timeout=30).status_code == 503, "the drain to begin")
             assert_refused_while_draining(server)
+            gate.unlink()
             rest = events_of(lines)
         thread.join(timeout=300)
         assert server.process.wait(timeout=120) == 0
@@ -117,17 +131,21 @@ def test_under_torchrun_sigterm_drains_too(tiny_chat_model, tmp_path):
         s.bind(("127.0.0.1", 0))
         master_port = s.getsockname()[1]
     launcher = (sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(master_port), "-m")
+    gate = tmp_path / "hold"
+    options, env = gated(gate)
     server = start_server(
-        "--model", tiny_chat_model, "--shutdown-timeout", "300",
-        log_dir=str(tmp_path), env={"OMP_NUM_THREADS": "1"}, launcher=launcher,
+        "--model", tiny_chat_model, "--shutdown-timeout", "300", *options,
+        log_dir=str(tmp_path), env=env, launcher=launcher,
     )  # fmt: skip
     try:
         ranks = [p for p in ranks_of(server) if "chat_cli" in " ".join(p.cmdline())]
         with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=stream_body(max_tokens), timeout=300) as stream:
             lines = stream.iter_lines()
             first = events_of([next(line for line in lines if line.startswith("data: "))])
+            gate.touch()  # the answer stays in flight until the drain is seen to begin
             server.process.send_signal(signal.SIGTERM)  # to torchrun, which sends it to both ranks
             wait_for(lambda: httpx.get(f"{server.url}/health", timeout=30).status_code == 503, "the drain to begin")
+            gate.unlink()
             rest = events_of(lines)
         server.process.wait(timeout=120)  # torchrun itself exits non-zero on SIGTERM; what matters is its ranks
     finally:
