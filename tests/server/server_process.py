@@ -47,13 +47,7 @@ class ServerProcess:
 
     def metrics(self) -> dict[str, float]:
         """The /metrics samples by name (labels included), e.g. 'chat_engine_steps_total'."""
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        samples = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                samples[name] = float(value)
-        return samples
+        return read_metrics(self.url)
 
     def log(self) -> str:
         with open(self.log_path) as f:
@@ -128,3 +122,13 @@ def serve_in_thread(app) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=30)
         listener.close()
+
+
+def read_metrics(url: str, timeout: float = 30) -> dict[str, float]:
+    """The /metrics samples of the server at `url` by name (labels included)."""
+    samples = {}
+    for line in httpx.get(f"{url}/metrics", timeout=timeout).text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples

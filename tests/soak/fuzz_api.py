@@ -38,6 +38,8 @@ from hypothesis import strategies as st
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "server")]  # tiny_models, server_process
 
+from server_process import read_metrics  # noqa: E402
+
 API_KEY = "fuzz-key"
 ORIGIN = "https://app.example.com"
 # Small limits keep every accepted request short (the subject is the HTTP layer, not the model).
@@ -411,15 +413,6 @@ def check_still_serving(url: str, api_key: str, report: FuzzReport) -> None:
             report.fail(f"after the fuzz the engine holds {left[0]} running and {left[1]} waiting sequences, {held:g} KV blocks", "")
             return
         time.sleep(0.2)
-
-
-def read_metrics(url: str) -> dict[str, float]:
-    samples = {}
-    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
 
 
 def run_fuzz(url: str, api_key: str, cases: int, seed_value: int) -> FuzzReport:

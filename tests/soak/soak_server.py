@@ -33,6 +33,8 @@ import psutil
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "server")]  # tiny_models, server_process
 
+from server_process import read_metrics  # noqa: E402
+
 CHAT = "/v1/chat/completions"
 TOPICS = [
     "the sea", "a red fox", "prime numbers", "the moon landing", "bread", "a quiet library", "rain in autumn",
@@ -230,15 +232,6 @@ async def run_clients(
 
 
 # The whole soak
-
-
-def read_metrics(url: str) -> dict[str, float]:
-    samples = {}
-    for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
 
 
 def wait_until_idle(url: str, report: SoakReport, timeout: float = 60) -> None:
