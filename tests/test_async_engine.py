@@ -54,6 +54,14 @@ def test_stream_deltas_add_up_to_the_text(engines):
     assert sum(len(d.token_ids) for d in deltas) == 16 and deltas[-1].finish_reason == "length"
 
 
+async def cache_freed(blocks, tries: int = 100) -> None:
+    """Wait (up to a second) for every KV block to be free again; the caller asserts it."""
+    for _ in range(tries):
+        if blocks.num_free_blocks == blocks.num_blocks:
+            return
+        await asyncio.sleep(0.01)
+
+
 def test_leaving_a_stream_cancels_it_and_frees_its_cache(engines):
     async_engine, _, _ = engines
     blocks = async_engine.engine.generator.block_manager
@@ -61,10 +69,7 @@ def test_leaving_a_stream_cancels_it_and_frees_its_cache(engines):
     async def main():
         async for _ in async_engine.stream(PROMPTS[3], SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)):
             break
-        for _ in range(100):  # the engine thread frees it at its next turn
-            if blocks.num_free_blocks == blocks.num_blocks:
-                return
-            await asyncio.sleep(0.01)
+        await cache_freed(blocks)  # the engine thread frees it at its next turn
 
     asyncio.run(main())
     assert blocks.num_free_blocks == blocks.num_blocks
@@ -218,10 +223,7 @@ def test_leaving_a_stream_on_the_event_loop_driver_frees_its_cache(tiny_chat_mod
         async_engine = AsyncEngine(engine)
         async for _ in async_engine.stream(PROMPTS[3], SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)):
             break
-        for _ in range(100):  # the engine task frees it at its next turn
-            if blocks.num_free_blocks == blocks.num_blocks:
-                break
-            await asyncio.sleep(0.01)
+        await cache_freed(blocks)  # the engine task frees it at its next turn
         return async_engine
 
     async_engine = asyncio.run(main())
