@@ -72,6 +72,15 @@ def test_quantize_and_enforce_eager_reach_the_engine(tiny_chat_model):
     assert bad.returncode != 0 and "int3" in bad.stderr
 
 
+def test_compile_runs_compiled_decode_steps_with_the_eager_answer(tiny_chat_model):
+    result = chat_cli("generate", "--model", tiny_chat_model, "--compile", "--temperature", "0", "--max-tokens", "8", "hello world")
+    assert result.returncode == 0, result.stderr
+    assert "stay eager" not in result.stderr  # the compile worked: no fallback warning
+    with Engine.from_pretrained(tiny_chat_model) as engine:
+        expected = engine.generate("hello world", SamplingParams(temperature=0, max_tokens=8))[0].text
+    assert result.stdout == expected + "\n"
+
+
 def test_prefix_caching_is_on_unless_turned_off():
     from chat_cli.main import build_parser
     from chat_cli.options import engine_kwargs

@@ -188,3 +188,53 @@ def test_device_cuda_without_an_index_and_the_cpu_give_the_same_tokens(tiny_chec
                 assert tokens == expected
             else:
                 assert all(len(t) == 16 for t in tokens)
+
+
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_compiled_cpu_decode_gives_the_eager_tokens_and_logits(tiny_checkpoints, family):
+    """torch.compile'd decode steps (batch 1 and more, padded and blockwise attention, sequences joining and
+    leaving) against eager ones, with preemption and chunked prefill in the compiled run."""
+    directory, _ = tiny_checkpoints(family)
+    expected_tokens, expected_logits, _ = run(directory, Recorder)
+    bytes_per_block = 4 * 16 * 2 * 16 * 2 * 4  # layers * block * (k,v) * head_dim * kv_heads * float32
+    with Engine.from_pretrained(
+        directory, dtype="float32", block_size=16, max_num_seqs=6, model_runner_cls=Recorder, compile_decode=True
+    ) as engine:
+        params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (3, 17, 9, 24, 12)]
+        runner = engine.executor.worker.model_runner
+        compiled = runner.compiled_decode
+        assert compiled is not None and compiled.warmed_up and compiled.warm_up_seconds > 0
+        compiled.steps_by_kind.clear()
+        outputs = engine.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
+        assert [o.token_ids for o in outputs] == expected_tokens
+        for seq_id, rows in expected_logits.items():
+            torch.testing.assert_close(torch.stack(runner.logits[seq_id]), torch.stack(rows), atol=1e-4, rtol=0)
+        # Both attention kinds ran compiled, and every decode step did (none fell back to eager).
+        assert compiled.steps_by_kind["padded"] > 0 and compiled.steps_by_kind["blockwise"] > 0
+        assert not compiled.failed
+        # One at a time: batch 1 replays the batch-1 graph.
+        single = engine.generate([{"prompt_token_ids": PROMPTS[0]}], params[1])[0]
+        assert single.token_ids[:3] == expected_tokens[0] and len(single.token_ids) == 17
+    if family == "llama3":  # preemption (a cache of 9 blocks) and chunked prefill, compiled
+        tokens, _, _ = run(
+            directory, Recorder, compile_decode=True, kv_cache_memory_gib=9 * bytes_per_block / 2**30, max_num_batched_tokens=16
+        )
+        assert tokens == expected_tokens
+
+
+def test_enforce_eager_turns_compiled_decode_off(tiny_checkpoints):
+    directory, _ = tiny_checkpoints("llama")
+    with Engine.from_pretrained(directory, dtype="float32", compile_decode=True, enforce_eager=True) as engine:
+        assert engine.executor.worker.model_runner.compiled_decode is None
+
+
+def test_compiled_cpu_decode_of_int4_weights_gives_the_eager_tokens(tiny_checkpoints):
+    directory, _ = tiny_checkpoints("llama3")
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (3, 17, 9, 24, 12)]
+    tokens = {}
+    for compiled in (False, True):
+        with Engine.from_pretrained(directory, dtype="float32", quantization="int4", max_num_seqs=6, compile_decode=compiled) as engine:
+            tokens[compiled] = [o.token_ids for o in engine.generate([{"prompt_token_ids": p} for p in PROMPTS], params)]
+            decoder = engine.executor.worker.model_runner.compiled_decode
+            assert (decoder is not None and sum(decoder.steps_by_kind.values()) > 0) == compiled
+    assert tokens[True] == tokens[False]

@@ -15,12 +15,17 @@ the step and the device:
   from 64 to 512), so a decode step is padded then: its traffic stays within 5/3 of the tokens cached.
 - `TritonDecodeMetadata` (decode steps on CUDA, `paged_attention_triton`): a kernel that walks each
   sequence's block table in place; its shapes are fixed per batch size, so CUDA graphs can replay it.
+
+Under `torch.compile` (the compiled CPU decode step, `worker/compiled_decode.py`) the cache write and the
+attention are one opaque op, `chat_core::cached_attention`: the compiler fuses the small ops around it
+and leaves the gathers, whose shapes change every step, to the eager code above.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +35,22 @@ from torch import nn
 @dataclass(frozen=True)
 class AttentionMetadata(ABC):
     slot_mapping: torch.Tensor  # [tokens]: the cache slot each new token's key/value is written to
+
+    kind: ClassVar[str]  # its name in `chat_core::cached_attention`
+
+    def op_tensors(self) -> list[torch.Tensor]:
+        """Its tensors besides `slot_mapping`, from which `from_op_tensors` rebuilds it (every size it
+        needs is a tensor's shape, so a compiled graph passes it on without specialising on lengths)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot run inside a compiled graph")
+
+    @classmethod
+    def from_op_tensors(cls, slot_mapping: torch.Tensor, tensors: list[torch.Tensor]) -> AttentionMetadata:
+        raise NotImplementedError(f"{cls.__name__} cannot run inside a compiled graph")
+
+    @staticmethod
+    def of_kind(kind: str, slot_mapping: torch.Tensor, tensors: list[torch.Tensor]) -> AttentionMetadata:
+        """The metadata `kind` rebuilt from `slot_mapping` and its `op_tensors()`."""
+        return _METADATA_KINDS[kind].from_op_tensors(slot_mapping, tensors)
 
     @abstractmethod
     def attend(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, scale: float) -> torch.Tensor:
@@ -86,6 +107,20 @@ class PaddedAttentionMetadata(AttentionMetadata):
     batch: int
     max_query_len: int
     max_seq_len: int
+
+    kind: ClassVar[str] = "padded"
+
+    def op_tensors(self) -> list[torch.Tensor]:
+        if self.query_index is None or self.output_index is None:
+            return [self.key_slots, self.mask]
+        return [self.key_slots, self.mask, self.query_index, self.output_index]
+
+    @classmethod
+    def from_op_tensors(cls, slot_mapping, tensors):
+        key_slots, mask, *indices = tensors
+        query_index, output_index = indices if indices else (None, None)
+        batch, _, max_query_len, max_seq_len = mask.shape
+        return cls(slot_mapping, query_index, key_slots, mask, output_index, batch, max_query_len, max_seq_len)
 
     @classmethod
     def from_tables(
@@ -167,6 +202,16 @@ class BlockwiseDecodeMetadata(AttentionMetadata):
     batch: int
     block_size: int
 
+    kind: ClassVar[str] = "blockwise"
+
+    def op_tensors(self) -> list[torch.Tensor]:
+        return [self.blocks, self.block_seq, self.hidden]
+
+    @classmethod
+    def from_op_tensors(cls, slot_mapping, tensors):
+        blocks, block_seq, hidden = tensors
+        return cls(slot_mapping, blocks, block_seq, hidden, slot_mapping.shape[0], hidden.shape[1])
+
     @classmethod
     def from_tables(
         cls, slot_mapping: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor, block_size: int, sliding_window: int | None
@@ -226,6 +271,8 @@ class TritonDecodeMetadata(AttentionMetadata):
     block_size: int
     sliding_window: int | None
 
+    kind: ClassVar[str] = "triton"
+
     def attend(self, q, key_cache, value_cache, scale):
         from chat_core.layers.paged_attention_triton import paged_decode_attention
 
@@ -251,7 +298,64 @@ class Attention(nn.Module):
         kv_cache: torch.Tensor,  # [2, num_slots, num_kv_heads, head_dim]
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
-        key_cache, value_cache = kv_cache[0], kv_cache[1]
-        key_cache.index_copy_(0, metadata.slot_mapping, k)
-        value_cache.index_copy_(0, metadata.slot_mapping, v)
-        return metadata.attend(q, key_cache, value_cache, self.scale)
+        if torch.compiler.is_compiling():
+            return cached_attention(q, k, v, kv_cache, metadata.slot_mapping, metadata.kind, metadata.op_tensors(), self.scale)
+        return write_and_attend(q, k, v, kv_cache, metadata, self.scale)
+
+
+def write_and_attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    key_cache, value_cache = kv_cache[0], kv_cache[1]
+    key_cache.index_copy_(0, metadata.slot_mapping, k)
+    value_cache.index_copy_(0, metadata.slot_mapping, v)
+    return metadata.attend(q, key_cache, value_cache, scale)
+
+
+_METADATA_KINDS: dict[str, type[AttentionMetadata]] = {
+    kind.kind: kind for kind in (PaddedAttentionMetadata, BlockwiseDecodeMetadata, TritonDecodeMetadata)
+}
+
+
+# `chat_core::cached_attention`: `write_and_attend` as one op that a compiled graph calls without looking
+# inside. Registered through `torch.library.Library` (a few microseconds per call) rather than
+# `torch.library.custom_op` (about 20): it is called once per layer per step.
+_LIBRARY = torch.library.Library("chat_core", "FRAGMENT")
+_LIBRARY.define(
+    "cached_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) kv_cache, Tensor slot_mapping, str kind, Tensor[] tensors, "
+    "float scale) -> Tensor"
+)
+
+
+def _cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kind: str,
+    tensors: list[torch.Tensor],
+    scale: float,
+) -> torch.Tensor:
+    return write_and_attend(q, k, v, kv_cache, AttentionMetadata.of_kind(kind, slot_mapping, tensors), scale)
+
+
+_LIBRARY.impl("cached_attention", _cached_attention, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("chat_core::cached_attention")
+def _(q, k, v, kv_cache, slot_mapping, kind, tensors, scale):  # type: ignore[no-untyped-def]
+    return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+
+
+def cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kind: str,
+    tensors: list[torch.Tensor],
+    scale: float,
+) -> torch.Tensor:
+    return torch.ops.chat_core.cached_attention(q, k, v, kv_cache, slot_mapping, kind, tensors, scale)

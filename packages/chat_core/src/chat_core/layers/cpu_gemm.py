@@ -3,7 +3,9 @@
 On CPU, `F.linear` with a small batch of rows (a decode step) is slow for wide weights: at 8 rows
 the LM head takes more than twice as long as with the weight reordered once for oneDNN. The packed
 copy is made once after loading; where the ops are missing (another build of torch) or the device
-is not a CPU, nothing is packed and `F.linear` is used.
+is not a CPU, nothing is packed and `F.linear` is used. Inside a compiled graph (the compiled CPU decode
+step) the packed product is one opaque op, `chat_core::packed_linear`: inductor cannot lower oneDNN's op
+with a weight that is a graph input.
 """
 
 from __future__ import annotations
@@ -33,4 +35,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None) -
     if packed is None:
         return F.linear(x, weight)
     rows = x.reshape(-1, x.shape[-1])
-    return torch.ops.mkldnn._linear_pointwise(rows, packed, None, "none", [], "").view(*x.shape[:-1], -1)
+    if torch.compiler.is_compiling():
+        return torch.ops.chat_core.packed_linear(rows, packed).view(*x.shape[:-1], -1)
+    return _packed_linear(rows, packed).view(*x.shape[:-1], -1)
+
+
+def _packed_linear(rows: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(rows, packed, None, "none", [], "")
+
+
+_LIBRARY = torch.library.Library("chat_core", "FRAGMENT")
+_LIBRARY.define("packed_linear(Tensor rows, Tensor packed) -> Tensor")
+_LIBRARY.impl("packed_linear", _packed_linear, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("chat_core::packed_linear")
+def _(rows, packed):  # type: ignore[no-untyped-def]
+    return rows.new_empty(rows.shape[0], packed.shape[0])

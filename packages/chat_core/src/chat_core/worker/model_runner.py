@@ -19,6 +19,7 @@ from chat_core.models.llama import LlamaForCausalLM
 from chat_core.outputs import IntermediateOutput, SamplerOutput
 from chat_core.parallel import SINGLE_RANK, PipelineStage, TensorParallelGroup
 from chat_core.quantization import DEFAULT_INT4_GROUP_SIZE, QuantizationPlan
+from chat_core.worker.compiled_decode import CompiledDecoder
 from chat_core.worker.cuda_graphs import CudaGraphDecoder
 from chat_core.worker.input_staging import InputStaging
 from chat_core.worker.model_runner_base import ModelInput, ModelRunnerBase
@@ -71,6 +72,7 @@ class LlamaModelRunner(ModelRunnerBase[LlamaModelInput]):
         self.model: LlamaForCausalLM | None = None
         self.scratch_block = 0  # set by allocate_kv_cache
         self.decode_graphs: CudaGraphDecoder | None = None
+        self.compiled_decode: CompiledDecoder | None = None
 
     def load_model(self, checkpoint: Checkpoint) -> None:
         config = self.engine_config
@@ -107,6 +109,9 @@ class LlamaModelRunner(ModelRunnerBase[LlamaModelInput]):
             cache[:, num_blocks * self.block_size :].zero_()
         if self.cuda_graphs_enabled:
             self.decode_graphs = CudaGraphDecoder(self, caches, capture=self.device.type == "cuda")
+        if self.compiled_decode_enabled:
+            self.compiled_decode = CompiledDecoder(self, caches)
+            self.compiled_decode.warm_up()
         return caches
 
     @property
@@ -118,6 +123,18 @@ class LlamaModelRunner(ModelRunnerBase[LlamaModelInput]):
             and not self.engine_config.enforce_eager
             and self.stage.size == 1
             and triton_supports(self.block_size)  # the graphs replay the Triton decode kernel
+        )
+
+    @property
+    def compiled_decode_enabled(self) -> bool:
+        """CPU decode steps run compiled when `compile_decode` is asked for (and not `enforce_eager`), on a
+        single rank: a gloo all-reduce or a pipeline hand-over would split the graph."""
+        return (
+            self.device.type == "cpu"
+            and self.engine_config.compile_decode
+            and not self.engine_config.enforce_eager
+            and self.stage.size == 1
+            and self.tp.size == 1
         )
 
     def prepare_model_input(self, request: ExecuteModelRequest) -> LlamaModelInput:
@@ -199,10 +216,13 @@ class LlamaModelRunner(ModelRunnerBase[LlamaModelInput]):
         intermediate: IntermediateOutput | None = None,
     ) -> SamplerOutput | IntermediateOutput | None:
         assert self.model is not None, "load_model() first"
-        graphs = self.decode_graphs
+        graphs, compiled = self.decode_graphs, self.compiled_decode
+        out = None
         if graphs is not None and intermediate is None and graphs.can_run(model_input):
             out = graphs.run(model_input)  # a replayed decode step
-        else:
+        elif compiled is not None and intermediate is None and compiled.can_run(model_input):
+            out = compiled.run(model_input.input_ids, model_input.positions, self.attention_metadata(model_input))
+        if out is None:
             out = self.model(model_input.input_ids, model_input.positions, kv_cache, self.attention_metadata(model_input), intermediate)
         if isinstance(out, IntermediateOutput):
             return out
