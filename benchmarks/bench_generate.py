@@ -6,6 +6,8 @@ CPU (default): SmolLM2-135M-Instruct from the packaged GGUF (Q4_1), as
 - chat / int8      a Hugging Face checkpoint of the same weights (written by this script), int8 per channel
 - chat / int4      the same checkpoint, int4 in groups of 32
 - chat / float32, chat / bfloat16   dense weights (the GGUF dequantized at load)
+- chat / ... compiled               the same with the decode step compiled (`compile_decode=True`); its load
+                                    time includes the warm-up (compiling, or reading inductor's cache)
 - transformers / float32, bfloat16  reading the same GGUF
 `--compare-tree DIR` adds rows for another checkout of this repository (e.g. the previous release,
 `git worktree add /tmp/base <commit>`), run from its own sources in the same run.
@@ -58,10 +60,12 @@ class Config:
 def cpu_configs(compare_tree: str | None) -> list[Config]:
     configs = [
         Config("chat gguf (default)", "chat", "gguf", {}),
+        Config("chat gguf compiled", "chat", "gguf", {"compile_decode": True}),
         Config("chat int8", "chat", "hf", {"quantization": "int8"}),
         Config("chat int4 g32", "chat", "hf", {"quantization": "int4", "quantization_group_size": 32}),
         Config("chat float32", "chat", "gguf", {"quantization": None, "dtype": "float32"}),
         Config("chat bfloat16", "chat", "gguf", {"quantization": None, "dtype": "bfloat16"}),
+        Config("chat bf16 compiled", "chat", "gguf", {"quantization": None, "dtype": "bfloat16", "compile_decode": True}),
         Config("chat gguf bf16 act.", "chat", "gguf", {"dtype": "bfloat16"}),
         Config("transformers float32", "transformers", "gguf", {"dtype": "float32"}),
         Config("transformers bfloat16", "transformers", "gguf", {"dtype": "bfloat16"}),

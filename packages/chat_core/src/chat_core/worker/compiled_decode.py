@@ -4,14 +4,14 @@ An eager decode step on CPU is a thousand small ops (norms, casts, rotary, resid
 layer's products), each paying the dispatcher's few microseconds. Compiled, the model's forward becomes one
 call whose elementwise work is fused into a few C++ loops per layer; the quantized products and the
 attention (`chat_core::cached_attention`, opaque to the compiler: its gathers change shape every step)
-are called as they are. Measured on SmolLM2 (2 cores): about 1.2x eager at batch 1.
+are called as they are (README: measured speed and start-up).
 
 Only pure decode steps of a single-rank engine are compiled (prefills and mixed steps stay eager; a gloo
-all-reduce would split the graph). The forward is compiled with dynamic shapes, so one graph serves every
-cached length; batch 1 and larger batches, and each attention kind, are separate graphs, compiled on first
-use, the most common ones at start-up (`warm_up`). Inductor keeps what it compiled in its on-disk cache
-(`TORCHINDUCTOR_CACHE_DIR`, here `~/.cache/chat-core/inductor` unless set), so a second start only traces.
-If the model cannot be compiled (a custom model, no C++ compiler), decoding stays eager, with a warning.
+all-reduce or a pipeline hand-over would split the graph). Every length is symbolic, so three graphs serve
+all decode steps: batch 1, and batch 2 or more with padded or with blockwise attention; `warm_up` compiles
+them at start-up. Inductor keeps what it compiled in its on-disk cache (`TORCHINDUCTOR_CACHE_DIR`, here
+`~/.cache/chat-core/inductor` unless set), so a later start only traces. If the model cannot be compiled (a
+custom model, no C++ compiler), decoding stays eager, with a warning.
 """
 
 from __future__ import annotations
@@ -74,14 +74,16 @@ class CompiledDecoder:
                 hidden = self.forward(input_ids, positions, self.kv_caches, metadata.slot_mapping, metadata.kind, tensors)
         except Exception as error:  # noqa: BLE001 - the eager path is correct; an error of the model itself recurs there
             self.failed = True
-            logger.warning("decode steps stay eager: torch.compile could not compile the model (%s)", error)
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            logger.warning("decode steps stay eager: torch.compile could not compile the model (%s)", reason)
             return None
         self.steps_by_kind[metadata.kind] += 1
         return hidden
 
     def warm_up(self) -> float:
-        """Compile the graphs of the common decode steps before the first request: batch 1 (padded attention)
-        and batch 2 (padded and blockwise), on dummy tokens whose keys go to the scratch block. Seconds taken.
+        """Compile the graphs decode steps need before the first request: batch 1 (always padded attention:
+        its padded view is its cache) and batch 2 (padded and blockwise; it serves every larger batch), on
+        dummy tokens whose keys go to the scratch block. Seconds taken.
         Sizes are at least 2: the compiler specialises sizes of 1, which real steps would not match."""
         runner = self.runner
         block_size, scratch = runner.block_size, runner.scratch_block
@@ -115,7 +117,6 @@ class CompiledDecoder:
         if not self.failed:
             logger.info("compiled the CPU decode step in %.1f s (cache: %s)", self.warm_up_seconds, os.environ["TORCHINDUCTOR_CACHE_DIR"])
         return self.warm_up_seconds
-
 
 
 def _mark_dynamic(tensor: torch.Tensor) -> None:
