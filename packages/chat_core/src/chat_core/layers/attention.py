@@ -299,7 +299,8 @@ class Attention(nn.Module):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            return cached_attention(q, k, v, kv_cache, metadata.slot_mapping, metadata.kind, metadata.op_tensors(), self.scale)
+            tensors = metadata.op_tensors()
+            return torch.ops.chat_core.cached_attention(q, k, v, kv_cache, metadata.slot_mapping, metadata.kind, tensors, self.scale)
         return write_and_attend(q, k, v, kv_cache, metadata, self.scale)
 
 
@@ -346,16 +347,3 @@ _LIBRARY.impl("cached_attention", _cached_attention, "CompositeExplicitAutograd"
 @torch.library.register_fake("chat_core::cached_attention")
 def _(q, k, v, kv_cache, slot_mapping, kind, tensors, scale):  # type: ignore[no-untyped-def]
     return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
-
-
-def cached_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    kind: str,
-    tensors: list[torch.Tensor],
-    scale: float,
-) -> torch.Tensor:
-    return torch.ops.chat_core.cached_attention(q, k, v, kv_cache, slot_mapping, kind, tensors, scale)
