@@ -65,12 +65,8 @@ class CompiledDecoder:
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor | None:
         """The step's final hidden states, or None if the model could not be compiled (run it eagerly)."""
         tensors = metadata.op_tensors()
-        for tensor in (input_ids, positions, metadata.slot_mapping, *tensors):
-            _mark_dynamic(tensor)
         try:
-            # No "duck sizing": two lengths that happen to be equal at compile time must not be assumed equal.
-            stance = torch.compiler.set_stance(skip_guard_eval_unsafe=self.warmed_up)
-            with stance, torch.fx.experimental._config.patch(use_duck_shape=False):
+            with torch.compiler.set_stance(skip_guard_eval_unsafe=self.warmed_up):
                 hidden = self.forward(input_ids, positions, self.kv_caches, metadata.slot_mapping, metadata.kind, tensors)
         except Exception as error:  # noqa: BLE001 - the eager path is correct; an error of the model itself recurs there
             self.failed = True
@@ -85,10 +81,20 @@ class CompiledDecoder:
         its padded view is its cache) and batch 2 (padded and blockwise; it serves every larger batch), on
         dummy tokens whose keys go to the scratch block. Seconds taken.
         Sizes are at least 2: the compiler specialises sizes of 1, which real steps would not match."""
+        start = time.perf_counter()
+        # No "duck sizing": two lengths that happen to be equal at compile time must not be assumed equal.
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            self._compile_graphs()
+        self.warm_up_seconds = time.perf_counter() - start
+        self.warmed_up = not self.failed
+        if not self.failed:
+            logger.info("compiled the CPU decode step in %.1f s (cache: %s)", self.warm_up_seconds, os.environ["TORCHINDUCTOR_CACHE_DIR"])
+        return self.warm_up_seconds
+
+    def _compile_graphs(self) -> None:
         runner = self.runner
         block_size, scratch = runner.block_size, runner.scratch_block
         device = runner.device
-        start = time.perf_counter()
         for batch, kernel in ((1, "padded"), (2, "padded"), (2, "blockwise")):
             # Made as a step's inputs are (staged outside inference mode, the metadata built inside it): the
             # compiled graphs are guarded on that too.
@@ -110,18 +116,16 @@ class CompiledDecoder:
                     pad_slot=scratch * block_size,
                     decode_kernel=kernel,
                 )
+                for tensor in (token_ids, positions, metadata.slot_mapping, *metadata.op_tensors()):
+                    _mark_dynamic(tensor)
                 if self.run(token_ids, positions, metadata) is None:
                     break
-        self.warm_up_seconds = time.perf_counter() - start
-        self.warmed_up = not self.failed
-        if not self.failed:
-            logger.info("compiled the CPU decode step in %.1f s (cache: %s)", self.warm_up_seconds, os.environ["TORCHINDUCTOR_CACHE_DIR"])
-        return self.warm_up_seconds
 
 
 def _mark_dynamic(tensor: torch.Tensor) -> None:
     """Compile every length of a step's input symbolically (batch, cached keys, blocks used), so one graph
-    serves them all; the weights, which are not marked, stay static. Sizes of 0 and 1 are always special."""
+    serves them all; the weights, which are not marked, stay static. Sizes of 0 and 1 are always special.
+    Only the warm-up's inputs need it: once warm, steps run the graphs without compiling again."""
     for dim, size in enumerate(tensor.shape):
         if size > 1:
             torch._dynamo.mark_dynamic(tensor, dim)

@@ -217,13 +217,15 @@ class LlamaModelRunner(ModelRunnerBase[LlamaModelInput]):
     ) -> SamplerOutput | IntermediateOutput | None:
         assert self.model is not None, "load_model() first"
         graphs, compiled = self.decode_graphs, self.compiled_decode
-        out = None
         if graphs is not None and intermediate is None and graphs.can_run(model_input):
             out = graphs.run(model_input)  # a replayed decode step
-        elif compiled is not None and intermediate is None and compiled.can_run(model_input):
-            out = compiled.run(model_input.input_ids, model_input.positions, self.attention_metadata(model_input))
-        if out is None:
-            out = self.model(model_input.input_ids, model_input.positions, kv_cache, self.attention_metadata(model_input), intermediate)
+        else:
+            metadata = self.attention_metadata(model_input)
+            out = None
+            if compiled is not None and intermediate is None and compiled.can_run(model_input):
+                out = compiled.run(model_input.input_ids, model_input.positions, metadata)  # None: not compilable
+            if out is None:
+                out = self.model(model_input.input_ids, model_input.positions, kv_cache, metadata, intermediate)
         if isinstance(out, IntermediateOutput):
             return out
         hidden = self.process_hidden_states(out.index_select(0, model_input.logits_indices), model_input)
