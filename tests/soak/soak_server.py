@@ -9,7 +9,9 @@ memory is within a few percent of what it was after the warm-up.
     python tests/soak/soak_server.py                       # 64 clients, 400 requests on SmolLM2: prints its figures
     python tests/soak/soak_server.py --clients 16 --requests 60 --model tiny
 
-tests/server/test_soak.py runs a short version on the tiny model in CI.
+By default the server runs as a user would run it (SmolLM2's Q4 weights kept 4-bit) with --batch-invariant,
+which makes "equal to alone" exact. tests/server/test_soak.py runs short versions in CI: the tiny model
+(float32, default options) and SmolLM2 with --batch-invariant.
 """
 
 from __future__ import annotations
@@ -300,11 +302,13 @@ def main() -> int:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="a model, or 'tiny' for a tiny random one made here")
     parser.add_argument("--max-num-seqs", type=int, default=32, help="sequences the server runs at once; the rest queue")
     parser.add_argument("--kv-cache-memory", default="0.5", help="GiB of KV cache (small: the warm-up fills it all)")
+    parser.add_argument("--quantize", default="auto", help="the server's --quantize (default: auto, SmolLM2's Q4 weights kept 4-bit)")
     parser.add_argument(
-        "--quantize",
-        default="none",
-        help="the server's --quantize (default: none, float32 weights: a batched answer is then exactly the one alone; "
-        "with auto, SmolLM2's Q4 weights multiply in bfloat16, whose rounding depends on the batch)",
+        "--batch-invariant",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the server's --batch-invariant (default: on; without it a batched answer can differ from the one alone "
+        "in the last bits of its logits, and so now and then in a greedy token)",
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -317,6 +321,8 @@ def main() -> int:
             make_tiny_checkpoint(model, "mistral", seed=3)
             add_tiny_tokenizer(model)
         server_args = ("--max-num-seqs", str(args.max_num_seqs), "--kv-cache-memory", args.kv_cache_memory, "--quantize", args.quantize)
+        if args.batch_invariant:
+            server_args += ("--batch-invariant",)
         with soak_server(model, work, *server_args) as server:
             report = run_soak(
                 server.url,
@@ -328,7 +334,8 @@ def main() -> int:
                 seed=args.seed,
             )
             log = server.log()
-    print(f"soak of {args.model} (--quantize {args.quantize}): {args.clients} clients, --max-num-seqs {args.max_num_seqs}")
+    invariant = " --batch-invariant" if args.batch_invariant else ""
+    print(f"soak of {args.model} (--quantize {args.quantize}{invariant}): {args.clients} clients, --max-num-seqs {args.max_num_seqs}")
     print(report.figures())
     for line in (report.mismatches + report.errors)[:20]:
         print("- " + line[:500])

@@ -28,6 +28,11 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="CPU: compile the decode step with torch.compile (faster decoding; the first start compiles for a minute, later ones reuse the cache)",
     )
+    group.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="CPU: each request's answer is exactly the one it gets alone, whatever it is batched with (slower)",
+    )
     group.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, at most 8192)")
     group.add_argument("--max-num-seqs", type=int, default=None, help="the most sequences in one batch (default: 64)")
     group.add_argument(
@@ -75,6 +80,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "quantization_group_size": args.group_size,
         "enforce_eager": args.enforce_eager,
         "compile_decode": args.compile,
+        "batch_invariant": args.batch_invariant,
         "enable_prefix_caching": args.prefix_caching,
     }
     if args.max_model_len is not None:

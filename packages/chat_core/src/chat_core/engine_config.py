@@ -37,6 +37,9 @@ class EngineConfig:
     seed: int = 0  # for requests without a seed of their own
     enforce_eager: bool = False  # no CUDA graphs (nor compiled CPU decode) for decode steps
     compile_decode: bool = False  # CPU: torch.compile the decode step (first start compiles; see worker/compiled_decode.py)
+    # CPU: every request's tokens and logits are those it gets alone, whatever else is batched with it
+    # (slower: see layers/attention.py, BatchInvariantAttentionMetadata)
+    batch_invariant: bool = False
     distributed_timeout_s: float = 60.0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -59,6 +62,12 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.enable_prefix_caching={self.enable_prefix_caching!r} is invalid: expected True or False")
         if self.kv_cache_memory_gib <= 0:
             raise ValueError(f"EngineConfig.kv_cache_memory_gib={self.kv_cache_memory_gib!r} must be > 0")
+        if self.batch_invariant and not self.device.startswith("cpu"):
+            raise ValueError(f"EngineConfig.batch_invariant=True is implemented on CPU only; device={self.device!r}")
+        if self.batch_invariant and self.compile_decode:
+            raise ValueError(
+                "EngineConfig.batch_invariant=True runs every step eagerly: it cannot be combined with compile_decode=True"
+            )
         if self.control_plane not in CONTROL_PLANES:
             raise ValueError(
                 f"EngineConfig.control_plane={self.control_plane!r} is invalid: expected one of {', '.join(CONTROL_PLANES)}"

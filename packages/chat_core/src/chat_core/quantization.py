@@ -72,14 +72,19 @@ class QuantizationPlan:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     group_size: int = DEFAULT_INT4_GROUP_SIZE
     tensor_formats: Mapping[str, str] = field(default_factory=dict)
+    # Every product gives a row the same bits whatever other rows it is multiplied with (see `linear`).
+    batch_invariant: bool = False
 
     def linear(self, checkpoint_names: list[str]) -> LinearMethod:
         """The method of a linear layer fed by these checkpoint tensors (several when fused: q/k/v)."""
         quantized = self._quantized(checkpoint_names)
         if quantized is not None:
             return quantized
-        # oneDNN's packed weights measured faster than F.linear in bfloat16 at every batch size.
-        return DenseMethod(self.dtype, self.device, pack=self._on_cpu and self.dtype == torch.bfloat16)
+        # oneDNN's packed weights measured faster than F.linear in bfloat16 at every batch size. In float32 they
+        # are slower for a few rows, but row-invariant, where F.linear (MKL) sums a row in an order that depends
+        # on the number of rows; the int4, int8 and bfloat16 kernels are row-invariant as they are.
+        pack = self.dtype == torch.bfloat16 or (self.batch_invariant and self.dtype == torch.float32)
+        return DenseMethod(self.dtype, self.device, pack=self._on_cpu and pack)
 
     def lm_head(self, checkpoint_name: str, *, tied: bool) -> LinearMethod:
         """The LM head's method; when `tied` it is also the embedding table, so it must read rows back."""
@@ -88,8 +93,10 @@ class QuantizationPlan:
         quantized = self._quantized([checkpoint_name])
         if quantized is not None and (not tied or quantized.can_read_rows):
             return quantized
-        # Packing pays most here (a wide weight, few rows), but a tied table must stay readable by rows.
-        return DenseMethod(self.dtype, self.device, pack=self._on_cpu and not tied)
+        # Packing pays most here (a wide weight, few rows), but a tied table must stay readable by rows; a
+        # batch-invariant float32 one then multiplies two rows at a time (the same bits for any batch).
+        row_pairs = self.batch_invariant and tied and self.dtype == torch.float32
+        return DenseMethod(self.dtype, self.device, pack=self._on_cpu and not tied, row_pairs=row_pairs)
 
     def embedding(self) -> LinearMethod:
         return DenseMethod(self.dtype, self.device)

@@ -13,6 +13,8 @@ the step and the device:
   lengths are close (padding would add at most 2/3 to the keys read), the padded view's fused
   attention is faster on CPU (measured: 1.4-1.5x at batch 8 of equal lengths, 0.9x at lengths spread
   from 64 to 512), so a decode step is padded then: its traffic stays within 5/3 of the tokens cached.
+- `BatchInvariantAttentionMetadata` (every step, CPU, when the engine's `batch_invariant` is set): the
+  padded layout with arithmetic that gives each token the same bits whatever else the step holds.
 - `TritonDecodeMetadata` (decode steps on CUDA, `paged_attention_triton`): a kernel that walks each
   sequence's block table in place; its shapes are fixed per batch size, so CUDA graphs can replay it.
 
@@ -69,10 +71,16 @@ class AttentionMetadata(ABC):
         sliding_window: int | None = None,
         pad_slot: int = 0,
         decode_kernel: str | None = None,
+        batch_invariant: bool = False,
     ) -> AttentionMetadata:
         """The metadata of one step. A pure decode step (one new token per sequence) uses `decode_kernel`
         ("blockwise", "triton" or "padded"; None picks by device and lengths); anything else the padded reference.
+        `batch_invariant`: every step, of any kind, batch-invariant attention.
         `pad_slot`: a cache slot holding finite numbers, read where a padded view needs a key."""
+        if batch_invariant:
+            return BatchInvariantAttentionMetadata.from_tables(
+                query_start_loc, seq_lens, block_tables, slot_mapping, block_size, max_query_len, max_seq_len, sliding_window, pad_slot
+            )
         num_tokens, batch = slot_mapping.shape[0], seq_lens.shape[0]
         if max_query_len == 1 and num_tokens == batch:
             kernel = decode_kernel or _default_decode_kernel(seq_lens, max_seq_len, block_size)
@@ -185,6 +193,84 @@ class PaddedAttentionMetadata(AttentionMetadata):
             enable_gqa=num_heads != num_kv_heads,
         )
         out = out.transpose(1, 2).reshape(-1, num_heads * head_dim)
+        return out if self.output_index is None else out.index_select(0, self.output_index)
+
+
+# Batch-invariant attention multiplies probabilities by values this many keys at a time (see below).
+INVARIANT_KEY_CHUNK = 64
+
+
+@dataclass(frozen=True)
+class BatchInvariantAttentionMetadata(PaddedAttentionMetadata):
+    """The padded layout, computed so that a token's output has the same bits whatever else is in the step:
+    the batch's size and other sequences' lengths, whether the token is decoded or prefilled, in which chunk.
+
+    Padded attention is not: `scaled_dot_product_attention` and a plain padded softmax-times-values sum over
+    the batch's padded length, in an order that depends on it. Here every reduction is one whose order does
+    not depend on what surrounds a token (each checked by tests/test_batch_invariance.py, bit for bit):
+    - scores: a matrix product per kv head over head_dim, with at least two query rows (one row takes a
+      matrix-vector kernel that sums in another order) and the keys row-major [head_dim, keys]: the BLAS then
+      gives each row the same bits for any count of rows and of keys;
+    - softmax over the padded row: its vector kernel adds the masked keys' exact zeros lane by lane, so the
+      padding's length changes nothing (rows are padded to at least one vector, 64 keys);
+    - probabilities x values: products over fixed chunks of `INVARIANT_KEY_CHUNK` keys (a longer reduction is
+      split by the BLAS at points that depend on its length), added chunk after chunk in key order; the
+      padding's chunks add exact zeros.
+    Costs more than the default kinds (measured in the README); the linear layers must be row-invariant too,
+    which the engine's `batch_invariant` option sees to (`QuantizationPlan`).
+    """
+
+    kind: ClassVar[str] = "batch_invariant"
+
+    @classmethod
+    def from_tables(
+        cls,
+        query_start_loc: torch.Tensor,
+        seq_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        block_size: int,
+        max_query_len: int,
+        max_seq_len: int,
+        sliding_window: int | None,
+        pad_slot: int,
+    ) -> PaddedAttentionMetadata:
+        padded_len = -(-max(max_seq_len, 1) // INVARIANT_KEY_CHUNK) * INVARIANT_KEY_CHUNK
+        missing_blocks = -(-padded_len // block_size) - block_tables.shape[1]
+        if missing_blocks > 0:  # keys past every sequence's end: read from `pad_slot`, masked
+            block_tables = F.pad(block_tables, (0, missing_blocks))
+        return super().from_tables(
+            query_start_loc, seq_lens, block_tables, slot_mapping, block_size, max_query_len, padded_len, sliding_window, pad_slot
+        )
+
+    def attend(self, q, key_cache, value_cache, scale):
+        num_heads, head_dim = q.shape[1], q.shape[2]
+        num_kv_heads = key_cache.shape[1]
+        group = num_heads // num_kv_heads
+        if self.query_index is not None:
+            q = q.index_select(0, self.query_index)
+        batch, q_len, k_len = self.batch, self.max_query_len, self.max_seq_len
+        copies = 2 if q_len * group == 1 else 1  # a lone query row is multiplied twice, as two rows
+        queries = q.float().view(batch, q_len, num_kv_heads, group, 1, head_dim).expand(-1, -1, -1, -1, copies, -1)
+        queries = queries.permute(0, 2, 1, 3, 4, 5).reshape(batch, num_kv_heads, q_len * group * copies, head_dim)
+        keys = key_cache.index_select(0, self.key_slots).float().view(batch, k_len, num_kv_heads, head_dim)
+        values = value_cache.index_select(0, self.key_slots).float().view(batch, k_len, num_kv_heads, head_dim)
+
+        # Keys laid out [head_dim, keys] row-major: with them transposed, two query rows sum in another order than more.
+        scores = torch.matmul(queries, keys.permute(0, 2, 3, 1).contiguous()).mul_(scale)  # [batch, kv, rows, k_len]
+        hidden = ~self.mask.view(batch, 1, q_len, 1, k_len)
+        scores = scores.view(batch, num_kv_heads, q_len, group * copies, k_len).masked_fill_(hidden, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+
+        rows, chunks = q_len * group * copies, k_len // INVARIANT_KEY_CHUNK
+        probs = probs.view(batch, num_kv_heads, rows, chunks, INVARIANT_KEY_CHUNK).transpose(2, 3)
+        values = values.view(batch, chunks, INVARIANT_KEY_CHUNK, num_kv_heads, head_dim).permute(0, 3, 1, 2, 4)
+        partial = torch.matmul(probs, values)  # [batch, kv, chunks, rows, head_dim]
+        out = partial[:, :, 0]
+        for chunk in range(1, chunks):
+            out = out + partial[:, :, chunk]
+        out = out.view(batch, num_kv_heads, q_len, group, copies, head_dim)[:, :, :, :, 0]
+        out = out.permute(0, 2, 1, 3, 4).reshape(batch * q_len, num_heads * head_dim).to(q.dtype)
         return out if self.output_index is None else out.index_select(0, self.output_index)
 
 
@@ -314,7 +400,8 @@ def write_and_attend(
 
 
 _METADATA_KINDS: dict[str, type[AttentionMetadata]] = {
-    kind.kind: kind for kind in (PaddedAttentionMetadata, BlockwiseDecodeMetadata, TritonDecodeMetadata)
+    kind.kind: kind
+    for kind in (PaddedAttentionMetadata, BatchInvariantAttentionMetadata, BlockwiseDecodeMetadata, TritonDecodeMetadata)
 }
 
 

@@ -65,13 +65,16 @@ class LinearMethod(ABC):
 
 
 class DenseMethod(LinearMethod):
-    """A float weight, multiplied with `F.linear`, or with oneDNN when `pack` (faster on CPU where measured)."""
+    """A float weight, multiplied with `F.linear`, or with oneDNN when `pack` (faster on CPU where measured).
+    `row_pairs`: `F.linear` two rows at a time, so that each row gets the same bits whatever the number of
+    rows (float32 MKL sums in an order that depends on it; for two rows it costs what one row does)."""
 
     name = "dense"
 
-    def __init__(self, dtype: torch.dtype, device: torch.device, *, pack: bool = False) -> None:
+    def __init__(self, dtype: torch.dtype, device: torch.device, *, pack: bool = False, row_pairs: bool = False) -> None:
         super().__init__(dtype, device)
         self.pack = pack
+        self.row_pairs = row_pairs
 
     def create_weights(self, layer: nn.Module, output_size: int, input_size: int) -> None:
         layer.weight = nn.Parameter(torch.empty(output_size, input_size, dtype=self.dtype, device=self.device), requires_grad=False)
@@ -90,6 +93,8 @@ class DenseMethod(LinearMethod):
     def apply(self, layer, x):
         if layer.packed_weight is not None:
             return cpu_gemm.linear(x, None, layer.packed_weight)
+        if self.row_pairs:
+            return _linear_two_rows_at_a_time(x, layer.weight)
         return F.linear(x, layer.weight)
 
     @property
@@ -98,6 +103,17 @@ class DenseMethod(LinearMethod):
 
     def read_rows(self, layer, row_ids):
         return F.embedding(row_ids, layer.weight)
+
+
+def _linear_two_rows_at_a_time(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    count = rows.shape[0]
+    if count == 0:
+        return F.linear(x, weight)
+    if count % 2:
+        rows = F.pad(rows, (0, 0, 0, 1))
+    out = torch.cat([F.linear(pair, weight) for pair in rows.split(2)])
+    return out[:count].view(*x.shape[:-1], weight.shape[0])
 
 
 class Int8Method(LinearMethod):

@@ -83,6 +83,7 @@ class LlamaModelRunner(ModelRunnerBase[LlamaModelInput]):
             device=self.device,
             group_size=config.quantization_group_size or DEFAULT_INT4_GROUP_SIZE,
             tensor_formats=checkpoint.tensor_formats(),
+            batch_invariant=config.batch_invariant,
         )
         self.model = LlamaForCausalLM(
             self.model_config, max_positions=self.max_model_len, tp=self.tp, stage=self.stage, quantization=plan
@@ -206,6 +207,7 @@ class LlamaModelRunner(ModelRunnerBase[LlamaModelInput]):
             max_seq_len=model_input.max_seq_len,
             sliding_window=self.model_config.sliding_window,
             pad_slot=self.scratch_block * self.block_size,
+            batch_invariant=self.engine_config.batch_invariant,
         )
 
     @torch.inference_mode()
