@@ -8,6 +8,7 @@ CPU (default): SmolLM2-135M-Instruct from the packaged GGUF (Q4_1), as
 - chat / float32, chat / bfloat16   dense weights (the GGUF dequantized at load)
 - chat / ... compiled               the same with the decode step compiled (`compile_decode=True`); its load
                                     time includes the warm-up (compiling, or reading inductor's cache)
+- chat / gguf batch-inv.            the default with `batch_invariant=True`
 - transformers / float32, bfloat16  reading the same GGUF
 `--compare-tree DIR` adds rows for another checkout of this repository (e.g. the previous release,
 `git worktree add /tmp/base <commit>`), run from its own sources in the same run.
@@ -61,6 +62,7 @@ def cpu_configs(compare_tree: str | None) -> list[Config]:
     configs = [
         Config("chat gguf (default)", "chat", "gguf", {}),
         Config("chat gguf compiled", "chat", "gguf", {"compile_decode": True}),
+        Config("chat gguf batch-inv.", "chat", "gguf", {"batch_invariant": True}),
         Config("chat int8", "chat", "hf", {"quantization": "int8"}),
         Config("chat int4 g32", "chat", "hf", {"quantization": "int4", "quantization_group_size": 32}),
         Config("chat float32", "chat", "gguf", {"quantization": None, "dtype": "float32"}),
