@@ -222,6 +222,35 @@ def test_compiled_cpu_decode_gives_the_eager_tokens_and_logits(tiny_checkpoints,
         assert tokens == expected_tokens
 
 
+def test_a_second_start_loads_the_compiled_decode_graphs_from_disk(tiny_checkpoints, tmp_path, monkeypatch, caplog):
+    directory, _ = tiny_checkpoints("llama")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # a cold cache of this test's own
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (3, 17, 9)]
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS[:3]]
+
+    def start(**options):
+        with Engine.from_pretrained(directory, dtype="float32", max_num_seqs=4, **options) as engine:
+            tokens = [o.token_ids for o in engine.generate(prompts, params)]
+            return tokens, engine.executor.worker.model_runner.compiled_decode
+
+    expected, _ = start()
+    tokens, first = start(compile_decode=True)
+    assert tokens == expected and first.graphs_loaded == 0 and not first.failed
+    saved = sorted(os.listdir(first.artifact_dir))
+    assert len(saved) == 3
+    tokens, second = start(compile_decode=True)
+    assert tokens == expected and second.graphs_loaded == 3 and sum(second.steps_by_kind.values()) > 0
+    # A damaged file is compiled again (and rewritten), with a warning; the answers stay the same.
+    with open(os.path.join(first.artifact_dir, saved[0]), "wb") as file:
+        file.write(b"not a compiled graph")
+    with caplog.at_level("WARNING", logger="chat_core.worker.compiled_decode"):
+        tokens, third = start(compile_decode=True)
+    assert tokens == expected and third.graphs_loaded == 2 and not third.failed
+    assert "compiling the decode step again" in caplog.text
+    _, fourth = start(compile_decode=True)
+    assert fourth.graphs_loaded == 3
+
+
 def test_enforce_eager_turns_compiled_decode_off(tiny_checkpoints):
     directory, _ = tiny_checkpoints("llama")
     with Engine.from_pretrained(directory, dtype="float32", compile_decode=True, enforce_eager=True) as engine:

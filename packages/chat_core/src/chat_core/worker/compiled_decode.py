@@ -8,20 +8,26 @@ are called as they are (README: measured speed and start-up).
 
 Only pure decode steps of a single-rank engine are compiled (prefills and mixed steps stay eager; a gloo
 all-reduce or a pipeline hand-over would split the graph). Every length is symbolic, so three graphs serve
-all decode steps: batch 1, and batch 2 or more with padded or with blockwise attention; `warm_up` compiles
-them at start-up. Inductor keeps what it compiled in its on-disk cache (`TORCHINDUCTOR_CACHE_DIR`, here
-`~/.cache/chat-core/inductor` unless set), so a later start only traces. If the model cannot be compiled (a
-custom model, no C++ compiler), decoding stays eager, with a warning.
+all decode steps: batch 1, and batch 2 or more with padded or with blockwise attention; `warm_up` makes
+them at start-up. Each graph is compiled ahead of time (`aot_compile`: traced and compiled once, with no
+guards: the decoder picks the graph itself) and saved, so a later start with the same model, settings,
+torch and sources loads it from disk in about a second instead of tracing the model again. Saved graphs and
+inductor's own cache live under `TORCHINDUCTOR_CACHE_DIR` (here `~/.cache/chat-core/inductor` unless set).
+If the model cannot be compiled (a custom model, no C++ compiler), decoding stays eager, with a warning.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import itertools
 import logging
 import os
+import platform
 import time
-import types
 from collections import Counter
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,25 +43,33 @@ def default_cache_dir() -> str:
     return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "chat-core", "inductor")
 
 
+# The graphs every decode step can need: (the batch size each is compiled at, its attention kind). The batch-1
+# graph serves batch 1 only (the compiler specialises sizes of 1), the batch-2 ones every larger batch.
+GRAPHS = ((1, "padded"), (2, "padded"), (2, "blockwise"))
+
+
+def _decode(model, input_ids, positions, kv_caches, slot_mapping, kind, tensors):  # type: ignore[no-untyped-def]
+    # Only tensors (and the kind) go in: every length is a shape the graph keeps symbolic. The model is an
+    # argument, not a closure, so that a saved graph can be loaded for another instance of the same model.
+    return model(input_ids, positions, kv_caches, AttentionMetadata.of_kind(kind, slot_mapping, tensors))
+
+
 class CompiledDecoder:
     def __init__(self, runner: LlamaModelRunner, kv_caches: list[torch.Tensor]) -> None:
         assert runner.model is not None
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
         self.runner = runner
         self.kv_caches = kv_caches
-        model = runner.model
-
-        def decode(input_ids, positions, kv_caches, slot_mapping, kind, tensors):  # type: ignore[no-untyped-def]
-            # Only tensors (and the kind) go in: every length is a shape the graph keeps symbolic.
-            return model(input_ids, positions, kv_caches, AttentionMetadata.of_kind(kind, slot_mapping, tensors))
-
-        self.forward = torch.compile(_own_code(decode), fullgraph=True)
+        self.graphs: dict[tuple[bool, str], Callable[..., torch.Tensor]] = {}  # (batch of 1, kind) -> graph
         self.failed = False
         self.warm_up_seconds = 0.0
-        # Once every graph a decode step can need is compiled (`warm_up`), dynamo checks only the guards that
-        # tell those graphs apart (kind, batch 1 or more), not the weights' hundreds: about 0.8 ms a step.
         self.warmed_up = False
+        self.graphs_loaded = 0  # of GRAPHS, read from disk by `warm_up` rather than compiled
         self.steps_by_kind: Counter[str] = Counter()  # compiled steps run, by attention kind
+
+    @property
+    def artifact_dir(self) -> str:
+        return os.path.join(os.environ["TORCHINDUCTOR_CACHE_DIR"], "chat-core-decode")
 
     def can_run(self, model_input: LlamaModelInput) -> bool:
         """A pure decode step (one new token per sequence), unless compiling has failed."""
@@ -63,63 +77,137 @@ class CompiledDecoder:
         return not self.failed and batch > 0 and model_input.max_query_len == 1 and model_input.input_ids.shape[0] == batch
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor | None:
-        """The step's final hidden states, or None if the model could not be compiled (run it eagerly)."""
-        tensors = metadata.op_tensors()
+        """The step's final hidden states, or None where no graph serves it (run it eagerly)."""
+        graph = self.graphs.get((input_ids.shape[0] == 1, metadata.kind))
+        if graph is None:
+            return None
         try:
-            with torch.compiler.set_stance(skip_guard_eval_unsafe=self.warmed_up):
-                hidden = self.forward(input_ids, positions, self.kv_caches, metadata.slot_mapping, metadata.kind, tensors)
+            hidden = graph(self.runner.model, input_ids, positions, self.kv_caches, metadata.slot_mapping, metadata.kind, metadata.op_tensors())
         except Exception as error:  # noqa: BLE001 - the eager path is correct; an error of the model itself recurs there
-            self.failed = True
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            logger.warning("decode steps stay eager: torch.compile could not compile the model (%s)", reason)
+            self._give_up(error)
             return None
         self.steps_by_kind[metadata.kind] += 1
         return hidden
 
     def warm_up(self) -> float:
-        """Compile the graphs decode steps need before the first request: batch 1 (always padded attention:
-        its padded view is its cache) and batch 2 (padded and blockwise; it serves every larger batch), on
-        dummy tokens whose keys go to the scratch block. Seconds taken.
-        Sizes are at least 2: the compiler specialises sizes of 1, which real steps would not match."""
+        """Load or compile (and save) the graphs decode steps need, before the first request; each then runs
+        once on dummy tokens whose keys go to the scratch block. Seconds taken."""
         start = time.perf_counter()
-        # No "duck sizing": two lengths that happen to be equal at compile time must not be assumed equal.
-        with torch.fx.experimental._config.patch(use_duck_shape=False):
-            self._compile_graphs()
+        key = _artifact_key(self.runner)
+        for batch, kind in GRAPHS:
+            inputs = self._dummy_inputs(batch, kind)
+            path = os.path.join(self.artifact_dir, f"{key}-b{batch}-{kind}.bin")
+            graph = _load_graph(path)
+            if graph is not None:
+                self.graphs_loaded += 1
+            else:
+                try:
+                    graph = _compile_graph(inputs)
+                    os.makedirs(self.artifact_dir, exist_ok=True)
+                    graph.save_compiled_function(path)
+                except Exception as error:  # noqa: BLE001 - as in `run`
+                    self._give_up(error)
+                    break
+            self.graphs[(batch == 1, kind)] = graph
+            with torch.inference_mode():
+                if self.run(*inputs[1:3], AttentionMetadata.of_kind(kind, inputs[4], inputs[6])) is None:
+                    break
         self.warm_up_seconds = time.perf_counter() - start
         self.warmed_up = not self.failed
         if not self.failed:
-            logger.info("compiled the CPU decode step in %.1f s (cache: %s)", self.warm_up_seconds, os.environ["TORCHINDUCTOR_CACHE_DIR"])
+            logger.info(
+                "compiled CPU decode ready in %.1f s (%d of %d graphs loaded from %s)",
+                self.warm_up_seconds, self.graphs_loaded, len(GRAPHS), self.artifact_dir,
+            )
         return self.warm_up_seconds
 
-    def _compile_graphs(self) -> None:
+    def _give_up(self, error: Exception) -> None:
+        self.failed = True
+        self.graphs.clear()
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        logger.warning("decode steps stay eager: torch.compile could not compile the model (%s)", reason)
+
+    def _dummy_inputs(self, batch: int, kind: str) -> tuple:
+        """A decode step's arguments for the graph, made as a real step's are (staged outside inference mode,
+        the metadata built inside it), with every length marked symbolic. Sizes are at least 2 where they
+        may vary: the compiler specialises sizes of 1, which real steps would not match."""
         runner = self.runner
-        block_size, scratch = runner.block_size, runner.scratch_block
-        device = runner.device
-        for batch, kernel in ((1, "padded"), (2, "padded"), (2, "blockwise")):
-            # Made as a step's inputs are (staged outside inference mode, the metadata built inside it): the
-            # compiled graphs are guarded on that too.
-            token_ids, positions = (torch.full((batch,), 2, dtype=torch.int64, device=device) for _ in range(2))
-            seq_lens = torch.full((batch,), 3, dtype=torch.int64, device=device)
-            block_tables = torch.full((batch, 1), scratch, dtype=torch.int64, device=device)
-            slot_mapping = torch.full((batch,), scratch * block_size, dtype=torch.int64, device=device)
-            query_start_loc = torch.arange(batch + 1, device=device)
-            with torch.inference_mode():
-                metadata = AttentionMetadata.build(
-                    query_start_loc=query_start_loc,
-                    seq_lens=seq_lens,
-                    block_tables=block_tables,
-                    slot_mapping=slot_mapping,
-                    block_size=block_size,
-                    max_query_len=1,
-                    max_seq_len=3,
-                    sliding_window=runner.model_config.sliding_window,
-                    pad_slot=scratch * block_size,
-                    decode_kernel=kernel,
-                )
-                for tensor in (token_ids, positions, metadata.slot_mapping, *metadata.op_tensors()):
-                    _mark_dynamic(tensor)
-                if self.run(token_ids, positions, metadata) is None:
-                    break
+        block_size, scratch, device = runner.block_size, runner.scratch_block, runner.device
+        token_ids, positions = (torch.full((batch,), 2, dtype=torch.int64, device=device) for _ in range(2))
+        with torch.inference_mode():
+            metadata = AttentionMetadata.build(
+                query_start_loc=torch.arange(batch + 1, device=device),
+                seq_lens=torch.full((batch,), 3, dtype=torch.int64, device=device),
+                block_tables=torch.full((batch, 1), scratch, dtype=torch.int64, device=device),
+                slot_mapping=torch.full((batch,), scratch * block_size, dtype=torch.int64, device=device),
+                block_size=block_size,
+                max_query_len=1,
+                max_seq_len=3,
+                sliding_window=runner.model_config.sliding_window,
+                pad_slot=scratch * block_size,
+                decode_kernel=kind,
+            )
+        tensors = metadata.op_tensors()
+        for tensor in (token_ids, positions, metadata.slot_mapping, *tensors):
+            _mark_dynamic(tensor)
+        return (runner.model, token_ids, positions, self.kv_caches, metadata.slot_mapping, kind, tensors)
+
+
+def _compile_graph(inputs: tuple) -> Any:
+    """Trace and compile `_decode` for these inputs, with no guards (the decoder picks graphs by itself)."""
+    compiler = torch.compile(_decode, fullgraph=True, options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
+    # No "duck sizing": two lengths that happen to be equal at compile time must not be assumed equal.
+    with torch.fx.experimental._config.patch(use_duck_shape=False), torch.inference_mode():
+        return compiler.aot_compile((inputs, {}))
+
+
+def _load_graph(path: str) -> Callable[..., torch.Tensor] | None:
+    """A graph saved by an earlier start, or None (none saved, or unreadable: it is compiled again)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, "rb") as file:
+            graph = torch.compiler.load_compiled_function(file)
+    except Exception as error:  # noqa: BLE001 - a stale or damaged file is compiled again and overwritten
+        logger.warning("compiling the decode step again: could not load %s (%s)", path, str(error).strip()[:200])
+        return None
+    graph.disable_guard_check()
+    return graph
+
+
+def _artifact_key(runner: LlamaModelRunner) -> str:
+    """What a saved graph depends on: torch, this package's sources, the CPU, the model's structure (its
+    modules and their weights' names, shapes and dtypes, not their values: weights are graph inputs) and
+    the engine settings that shape the step. A graph saved under another key is never loaded."""
+    assert runner.model is not None
+    digest = hashlib.sha256()
+    config = runner.engine_config
+    for part in (
+        torch.__version__,
+        platform.machine(),
+        torch.backends.cpu.get_cpu_capability(),
+        _source_digest(),
+        repr(runner.model_config),
+        repr(runner.model),
+        (str(runner.dtype), config.quantization, config.quantization_group_size, config.quantization_compute_dtype),
+        runner.block_size,
+    ):
+        digest.update(repr(part).encode())
+    tensors = itertools.chain(runner.model.named_parameters(remove_duplicate=False), runner.model.named_buffers(remove_duplicate=False))
+    for name, tensor in tensors:
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{tensor.layout}".encode())
+    return digest.hexdigest()[:24]
+
+
+@functools.cache
+def _source_digest() -> str:
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digest = hashlib.sha256()
+    for directory, _, files in sorted(os.walk(package)):
+        for name in sorted(f for f in files if f.endswith(".py")):
+            with open(os.path.join(directory, name), "rb") as file:
+                digest.update(name.encode() + file.read())
+    return digest.hexdigest()
 
 
 def _mark_dynamic(tensor: torch.Tensor) -> None:
@@ -129,11 +217,3 @@ def _mark_dynamic(tensor: torch.Tensor) -> None:
     for dim, size in enumerate(tensor.shape):
         if size > 1:
             torch._dynamo.mark_dynamic(tensor, dim)
-
-
-def _own_code(function: types.FunctionType) -> types.FunctionType:
-    """`function` with a code object of its own. Dynamo keeps compiled graphs per code object (at most 8):
-    each engine's decoder gets its own, so engines in one process neither share nor exhaust them."""
-    return types.FunctionType(
-        function.__code__.replace(), function.__globals__, function.__name__, function.__defaults__, function.__closure__
-    )
