@@ -86,6 +86,21 @@ def test_smollm2_tensor_parallel_3_and_pipeline_2_answer_like_one_process(smollm
     assert not left_behind()
 
 
+def test_batch_invariance_holds_under_tensor_parallel(smollm2_path, left_behind):
+    # Each rank's products and attention are row-invariant, and the all-reduce adds the ranks' partial sums
+    # in an order that does not depend on the batch: a request batched answers as alone, logprobs included.
+    questions = ["What is the capital of France?", "Write a haiku about the sea.", "What is 17 times 23?", "Name a primary colour."]
+    params = SamplingParams(temperature=0, max_tokens=12, logprobs=0)
+    with Engine.from_pretrained(smollm2_path, tensor_parallel_size=3, batch_invariant=True, max_num_batched_tokens=48) as engine:
+        prompts = [engine.chat_prompt([{"role": "user", "content": q}]) for q in questions]
+        batched = engine.generate(prompts, params)
+        alone = [engine.generate([prompt], params)[0] for prompt in prompts]
+    for b, a in zip(batched, alone):
+        assert b.token_ids == a.token_ids
+        assert [p.logprob for p in b.outputs[0].logprobs] == [p.logprob for p in a.outputs[0].logprobs]
+    assert not left_behind()
+
+
 def test_a_killed_worker_is_reported_by_rank_and_nothing_hangs(mistral_dir, left_behind):
     from chat_distributed import WorkerFailedError
 
