@@ -249,6 +249,9 @@ def test_a_second_start_loads_the_compiled_decode_graphs_from_disk(tiny_checkpoi
     assert "compiling the decode step again" in caplog.text
     _, fourth = start(compile_decode=True)
     assert fourth.graphs_loaded == 3
+    # Another cache size is another graph (the cache's shape is static in it): compiled, not loaded.
+    tokens, other = start(compile_decode=True, kv_cache_memory_gib=0.01)
+    assert tokens == expected and other.graphs_loaded == 0
 
 
 def test_enforce_eager_turns_compiled_decode_off(tiny_checkpoints):

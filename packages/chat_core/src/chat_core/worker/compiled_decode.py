@@ -93,24 +93,24 @@ class CompiledDecoder:
         """Load or compile (and save) the graphs decode steps need, before the first request; each then runs
         once on dummy tokens whose keys go to the scratch block. Seconds taken."""
         start = time.perf_counter()
-        key = _artifact_key(self.runner)
+        key = _artifact_key(self.runner, self.kv_caches)
         for batch, kind in GRAPHS:
-            inputs = self._dummy_inputs(batch, kind)
+            input_ids, positions, metadata = self._dummy_step(batch, kind)
             path = os.path.join(self.artifact_dir, f"{key}-b{batch}-{kind}.bin")
             graph = _load_graph(path)
             if graph is not None:
                 self.graphs_loaded += 1
             else:
+                arguments = (self.runner.model, input_ids, positions, self.kv_caches, metadata.slot_mapping, kind, metadata.op_tensors())
                 try:
-                    graph = _compile_graph(inputs)
-                    os.makedirs(self.artifact_dir, exist_ok=True)
-                    graph.save_compiled_function(path)
+                    graph = _compile_graph(arguments)
                 except Exception as error:  # noqa: BLE001 - as in `run`
                     self._give_up(error)
                     break
+                _save_graph(graph, path)
             self.graphs[(batch == 1, kind)] = graph
             with torch.inference_mode():
-                if self.run(*inputs[1:3], AttentionMetadata.of_kind(kind, inputs[4], inputs[6])) is None:
+                if self.run(input_ids, positions, metadata) is None:
                     break
         self.warm_up_seconds = time.perf_counter() - start
         self.warmed_up = not self.failed
@@ -127,10 +127,10 @@ class CompiledDecoder:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         logger.warning("decode steps stay eager: torch.compile could not compile the model (%s)", reason)
 
-    def _dummy_inputs(self, batch: int, kind: str) -> tuple:
-        """A decode step's arguments for the graph, made as a real step's are (staged outside inference mode,
-        the metadata built inside it), with every length marked symbolic. Sizes are at least 2 where they
-        may vary: the compiler specialises sizes of 1, which real steps would not match."""
+    def _dummy_step(self, batch: int, kind: str) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """A decode step's inputs, made as a real step's are (staged outside inference mode, the metadata
+        built inside it), with every length marked symbolic. Sizes are at least 2 where they may vary: the
+        compiler specialises sizes of 1, which real steps would not match."""
         runner = self.runner
         block_size, scratch, device = runner.block_size, runner.scratch_block, runner.device
         token_ids, positions = (torch.full((batch,), 2, dtype=torch.int64, device=device) for _ in range(2))
@@ -147,18 +147,26 @@ class CompiledDecoder:
                 pad_slot=scratch * block_size,
                 decode_kernel=kind,
             )
-        tensors = metadata.op_tensors()
-        for tensor in (token_ids, positions, metadata.slot_mapping, *tensors):
+        for tensor in (token_ids, positions, metadata.slot_mapping, *metadata.op_tensors()):
             _mark_dynamic(tensor)
-        return (runner.model, token_ids, positions, self.kv_caches, metadata.slot_mapping, kind, tensors)
+        return token_ids, positions, metadata
 
 
-def _compile_graph(inputs: tuple) -> Any:
-    """Trace and compile `_decode` for these inputs, with no guards (the decoder picks graphs by itself)."""
+def _compile_graph(arguments: tuple) -> Any:
+    """Trace and compile `_decode` for these arguments, with no guards (the decoder picks graphs by itself)."""
     compiler = torch.compile(_decode, fullgraph=True, options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
     # No "duck sizing": two lengths that happen to be equal at compile time must not be assumed equal.
     with torch.fx.experimental._config.patch(use_duck_shape=False), torch.inference_mode():
-        return compiler.aot_compile((inputs, {}))
+        return compiler.aot_compile((arguments, {}))
+
+
+def _save_graph(graph: Any, path: str) -> None:
+    """Save for later starts; a cache that cannot be written costs those starts a compile, nothing else."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        graph.save_compiled_function(path)
+    except Exception as error:  # noqa: BLE001 - e.g. a read-only cache, or a graph that cannot be serialised
+        logger.warning("the compiled decode step could not be saved to %s (%s): later starts compile again", path, error)
 
 
 def _load_graph(path: str) -> Callable[..., torch.Tensor] | None:
@@ -175,10 +183,11 @@ def _load_graph(path: str) -> Callable[..., torch.Tensor] | None:
     return graph
 
 
-def _artifact_key(runner: LlamaModelRunner) -> str:
+def _artifact_key(runner: LlamaModelRunner, kv_caches: list[torch.Tensor]) -> str:
     """What a saved graph depends on: torch, this package's sources, the CPU, the model's structure (its
-    modules and their weights' names, shapes and dtypes, not their values: weights are graph inputs) and
-    the engine settings that shape the step. A graph saved under another key is never loaded."""
+    modules and their weights' names, shapes and dtypes, not their values: weights are graph inputs), the
+    KV cache's shape (static in the graph) and the engine settings that shape the step. A graph saved under
+    another key is never loaded."""
     assert runner.model is not None
     digest = hashlib.sha256()
     config = runner.engine_config
@@ -191,6 +200,7 @@ def _artifact_key(runner: LlamaModelRunner) -> str:
         repr(runner.model),
         (str(runner.dtype), config.quantization, config.quantization_group_size, config.quantization_compute_dtype),
         runner.block_size,
+        [(tuple(cache.shape), cache.dtype) for cache in kv_caches],
     ):
         digest.update(repr(part).encode())
     tensors = itertools.chain(runner.model.named_parameters(remove_duplicate=False), runner.model.named_buffers(remove_duplicate=False))
