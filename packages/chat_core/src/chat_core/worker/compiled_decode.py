@@ -94,6 +94,7 @@ class CompiledDecoder:
         once on dummy tokens whose keys go to the scratch block. Seconds taken."""
         start = time.perf_counter()
         key = _artifact_key(self.runner, self.kv_caches)
+        compiling = False
         for batch, kind in GRAPHS:
             input_ids, positions, metadata = self._dummy_step(batch, kind)
             path = os.path.join(self.artifact_dir, f"{key}-b{batch}-{kind}.bin")
@@ -101,6 +102,9 @@ class CompiledDecoder:
             if graph is not None:
                 self.graphs_loaded += 1
             else:
+                if not compiling:  # said once, as a warning: the CLI shows those, and the pause is long
+                    logger.warning("compiling the decode step (a first start takes a minute or more; saved in %s)", self.artifact_dir)
+                    compiling = True
                 arguments = (self.runner.model, input_ids, positions, self.kv_caches, metadata.slot_mapping, kind, metadata.op_tensors())
                 try:
                     graph = _compile_graph(arguments)
