@@ -64,6 +64,7 @@ def cpu_configs(compare_tree: str | None) -> list[Config]:
         Config("chat gguf compiled", "chat", "gguf", {"compile_decode": True}),
         Config("chat gguf batch-inv.", "chat", "gguf", {"batch_invariant": True}),
         Config("chat int8", "chat", "hf", {"quantization": "int8"}),
+        Config("chat int8 compiled", "chat", "hf", {"quantization": "int8", "compile_decode": True}),
         Config("chat int4 g32", "chat", "hf", {"quantization": "int4", "quantization_group_size": 32}),
         Config("chat float32", "chat", "gguf", {"quantization": None, "dtype": "float32"}),
         Config("chat bfloat16", "chat", "gguf", {"quantization": None, "dtype": "bfloat16"}),
