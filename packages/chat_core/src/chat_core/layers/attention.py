@@ -78,8 +78,9 @@ class AttentionMetadata(ABC):
         `batch_invariant`: every step, of any kind, batch-invariant attention.
         `pad_slot`: a cache slot holding finite numbers, read where a padded view needs a key."""
         if batch_invariant:
+            padded_len, block_tables = BatchInvariantAttentionMetadata.pad_keys(max_seq_len, block_tables, block_size)
             return BatchInvariantAttentionMetadata.from_tables(
-                query_start_loc, seq_lens, block_tables, slot_mapping, block_size, max_query_len, max_seq_len, sliding_window, pad_slot
+                query_start_loc, seq_lens, block_tables, slot_mapping, block_size, max_query_len, padded_len, sliding_window, pad_slot
             )
         num_tokens, batch = slot_mapping.shape[0], seq_lens.shape[0]
         if max_query_len == 1 and num_tokens == batch:
@@ -222,26 +223,15 @@ class BatchInvariantAttentionMetadata(PaddedAttentionMetadata):
 
     kind: ClassVar[str] = "batch_invariant"
 
-    @classmethod
-    def from_tables(
-        cls,
-        query_start_loc: torch.Tensor,
-        seq_lens: torch.Tensor,
-        block_tables: torch.Tensor,
-        slot_mapping: torch.Tensor,
-        block_size: int,
-        max_query_len: int,
-        max_seq_len: int,
-        sliding_window: int | None,
-        pad_slot: int,
-    ) -> PaddedAttentionMetadata:
+    @staticmethod
+    def pad_keys(max_seq_len: int, block_tables: torch.Tensor, block_size: int) -> tuple[int, torch.Tensor]:
+        """The padded key length `from_tables` must be given (whole chunks), and block tables that cover it
+        (keys past every sequence's end are read from `pad_slot` and masked)."""
         padded_len = -(-max(max_seq_len, 1) // INVARIANT_KEY_CHUNK) * INVARIANT_KEY_CHUNK
         missing_blocks = -(-padded_len // block_size) - block_tables.shape[1]
-        if missing_blocks > 0:  # keys past every sequence's end: read from `pad_slot`, masked
+        if missing_blocks > 0:
             block_tables = F.pad(block_tables, (0, missing_blocks))
-        return super().from_tables(
-            query_start_loc, seq_lens, block_tables, slot_mapping, block_size, max_query_len, padded_len, sliding_window, pad_slot
-        )
+        return padded_len, block_tables
 
     def attend(self, q, key_cache, value_cache, scale):
         num_heads, head_dim = q.shape[1], q.shape[2]
