@@ -99,7 +99,8 @@ class CompiledDecoder:
             input_ids, positions, metadata = self._dummy_step(batch, kind)
             path = os.path.join(self.artifact_dir, f"{key}-b{batch}-{kind}.bin")
             graph = _load_graph(path)
-            if graph is not None:
+            loaded = graph is not None
+            if loaded:
                 self.graphs_loaded += 1
             else:
                 if not compiling:  # said once, as a warning: the CLI shows those, and the pause is long
@@ -115,6 +116,8 @@ class CompiledDecoder:
             self.graphs[(batch == 1, kind)] = graph
             with torch.inference_mode():
                 if self.run(input_ids, positions, metadata) is None:
+                    if loaded:  # a saved graph that does not run here: the next start compiles it again
+                        os.remove(path)
                     break
         self.warm_up_seconds = time.perf_counter() - start
         self.warmed_up = not self.failed
