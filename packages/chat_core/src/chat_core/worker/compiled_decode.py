@@ -93,7 +93,11 @@ class CompiledDecoder:
         """Load or compile (and save) the graphs decode steps need, before the first request; each then runs
         once on dummy tokens whose keys go to the scratch block. Seconds taken."""
         start = time.perf_counter()
-        key = _artifact_key(self.runner, self.kv_caches)
+        try:
+            key = _artifact_key(self.runner, self.kv_caches)
+        except Exception as error:  # noqa: BLE001 - e.g. a torch without what the key reads: decode eagerly
+            self._give_up(error)
+            return 0.0
         compiling = False
         for batch, kind in GRAPHS:
             input_ids, positions, metadata = self._dummy_step(batch, kind)
