@@ -161,3 +161,5 @@ def test_batch_invariant_is_refused_where_it_does_not_hold(tiny_checkpoints):
         Engine.from_pretrained(directory, batch_invariant=True, compile_decode=True)
     with pytest.raises(ValueError, match="CPU only"):
         Engine.from_pretrained(directory, batch_invariant=True, device="cuda")
+    with pytest.raises(ValueError, match="float16"):
+        Engine.from_pretrained(directory, batch_invariant=True, dtype="float16")

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from chat_core.config import resolve_dtype
 from chat_core.quantization import resolve_dtype_name, resolve_quantization, validate_quantization
 
@@ -64,6 +66,10 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.kv_cache_memory_gib={self.kv_cache_memory_gib!r} must be > 0")
         if self.batch_invariant and not self.device.startswith("cpu"):
             raise ValueError(f"EngineConfig.batch_invariant=True is implemented on CPU only; device={self.device!r}")
+        if self.batch_invariant and self.dtype != "auto" and resolve_dtype(self.dtype) == torch.float16:
+            # Measured: float16 products on CPU give a row other bits at 1 and at 2+ rows; float32 and bfloat16
+            # have row-invariant kernels.
+            raise ValueError("EngineConfig.batch_invariant=True needs dtype float32 or bfloat16 (or auto); got float16")
         if self.batch_invariant and self.compile_decode:
             raise ValueError(
                 "EngineConfig.batch_invariant=True runs every step eagerly: it cannot be combined with compile_decode=True"
