@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from chat_core import Engine, SamplingParams
 from chat_core.layers.attention import AttentionMetadata, BatchInvariantAttentionMetadata
+from test_paged_attention import make_case
 
 
 @st.composite
@@ -33,35 +34,18 @@ def steps(draw):
 
 
 class Cache:
-    """A paged cache holding random keys/values for sequences of the given lengths (NaN in unwritten slots)."""
+    """A paged cache of random keys/values for sequences of the given lengths (`make_case`'s: NaN in every
+    slot no sequence wrote, one finite padding slot)."""
 
-    def __init__(self, lens, block_size, num_kv_heads, head_dim, generator):
-        widths = [-(-n // block_size) for n in lens]
-        num_blocks = sum(widths) + 1
+    def __init__(self, lens, block_size, num_kv_heads, head_dim, seed):
+        _, self.keys, self.values, self.tables, self.pad_slot = make_case(block_size, num_kv_heads, 1, head_dim, lens, seed)
         self.block_size = block_size
-        self.keys = torch.full((num_blocks * block_size, num_kv_heads, head_dim), float("nan"))
-        self.values = torch.full_like(self.keys, float("nan"))
-        order = torch.randperm(num_blocks, generator=generator)
-        self.pad_slot = int(order[-1]) * block_size  # a block nobody owns, finite where padding reads it
-        self.keys[self.pad_slot] = 0.0
-        self.values[self.pad_slot] = 0.0
-        self.tables, used = [], 0
-        for n, width in zip(lens, widths):
-            table = order[used : used + width]
-            used += width
-            slots = table[torch.arange(n) // block_size] * block_size + torch.arange(n) % block_size
-            self.keys[slots] = torch.randn(n, num_kv_heads, head_dim, generator=generator)
-            self.values[slots] = torch.randn(n, num_kv_heads, head_dim, generator=generator)
-            self.tables.append(table)
 
     def attend(self, step, window, batch_invariant=True):
         """`step`: (sequence, seq_len after the step, queries [n, heads, dim]) per sequence -> outputs per sequence."""
         query_lens = [q.shape[0] for _, _, q in step]
         seq_lens = [n for _, n, _ in step]
-        width = max(len(self.tables[s]) for s, _, _ in step)
-        tables = torch.full((len(step), width), self.pad_slot // self.block_size)
-        for row, (s, _, _) in enumerate(step):
-            tables[row, : len(self.tables[s])] = self.tables[s]
+        tables = self.tables[[s for s, _, _ in step]]  # rows padded with a block nobody owns
         metadata = AttentionMetadata.build(
             query_start_loc=torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()]),
             seq_lens=torch.tensor(seq_lens),
@@ -85,9 +69,9 @@ class Cache:
 @given(steps())
 def test_a_token_gets_the_same_attention_bits_in_any_step(case):
     block_size, num_kv_heads, group, head_dim, cached, new, others, position, window, seed = case
-    generator = torch.Generator().manual_seed(seed)
     lens = [cached + new] + [c + n for c, n in others]
-    cache = Cache(lens, block_size, num_kv_heads, head_dim, generator)
+    cache = Cache(lens, block_size, num_kv_heads, head_dim, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
     heads = num_kv_heads * group
 
     def queries(n):
