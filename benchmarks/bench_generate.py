@@ -2,8 +2,11 @@
 Hugging Face transformers, in the same run.
 
 CPU (default): SmolLM2-135M-Instruct from the packaged GGUF (Q4_1), as
-- chat / gguf      the file's Q4 weights kept packed (the default), float32 activations
+- chat / gguf      the file's Q4 weights kept packed and its Q8_0 embedding/LM head kept 8-bit (the default),
+                   float32 activations; "torch kernels": the same without our native kernels
+                   (CHAT_CORE_NATIVE_KERNELS=0: the Q8_0 table dequantized to float32, as before them)
 - chat / int8      a Hugging Face checkpoint of the same weights (written by this script), int8 per channel
+                   (the native float32 kernel; "bf16": torch's `_weight_int8pack_mm` in bfloat16)
 - chat / int4      the same checkpoint, int4 in groups of 32
 - chat / float32, chat / bfloat16   dense weights (the GGUF dequantized at load)
 - chat / ... compiled               the same with the decode step compiled (`compile_decode=True`); its load
@@ -56,14 +59,19 @@ class Config:
     checkpoint: str  # "gguf" or "hf" (the HF directory this script writes) or "random"
     options: dict = field(default_factory=dict)
     tree: str | None = None  # another checkout's sources (chat only)
+    env: dict = field(default_factory=dict)  # environment variables of its process
 
 
 def cpu_configs(compare_tree: str | None) -> list[Config]:
     configs = [
         Config("chat gguf (default)", "chat", "gguf", {}),
+        Config("chat gguf torch kernels", "chat", "gguf", {}, env={"CHAT_CORE_NATIVE_KERNELS": "0"}),
+        Config("chat gguf int4 bf16", "chat", "gguf", {"quantization_compute_dtype": "bfloat16"}),
+        Config("chat gguf int4 f32", "chat", "gguf", {"quantization_compute_dtype": "float32"}),
         Config("chat gguf compiled", "chat", "gguf", {"compile_decode": True}),
         Config("chat gguf batch-inv.", "chat", "gguf", {"batch_invariant": True}),
         Config("chat int8", "chat", "hf", {"quantization": "int8"}),
+        Config("chat int8 bf16", "chat", "hf", {"quantization": "int8", "quantization_compute_dtype": "bfloat16"}),
         Config("chat int8 compiled", "chat", "hf", {"quantization": "int8", "compile_decode": True}),
         Config("chat int4 g32", "chat", "hf", {"quantization": "int4", "quantization_group_size": 32}),
         Config("chat float32", "chat", "gguf", {"quantization": None, "dtype": "float32"}),
@@ -252,7 +260,7 @@ def measure(config: Config, work_dir: str, passes: int, new_tokens: int, batches
 def run_config(config: Config, args: argparse.Namespace) -> dict[str, float] | None:
     cmd = [sys.executable, __file__, "--worker", json.dumps(config.__dict__), "--work-dir", args.work_dir]
     cmd += ["--passes", str(args.passes), "--new-tokens", str(args.new_tokens), "--batches", *map(str, args.batches)]
-    env = dict(os.environ)
+    env = dict(os.environ) | config.env
     if config.tree:  # another checkout: its own sources first on the path
         sources = [os.path.join(config.tree, "packages", p, "src") for p in ("chat_core", "chat_distributed", "chat_cli")]
         env["PYTHONPATH"] = os.pathsep.join([*sources, env.get("PYTHONPATH", "")])

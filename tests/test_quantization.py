@@ -18,8 +18,9 @@ from chat_core import Engine, SamplingParams, open_checkpoint
 from chat_core.checkpoint.tensor_source import InMemoryTensor
 from chat_core.layers.attention import AttentionMetadata
 from chat_core.layers.linear import ColumnParallelLinear, RowParallelLinear
+from chat_core.layers import native_kernels
 from chat_core.layers.linear_methods import Int4Method, Int8Method
-from chat_core.layers.weight_formats import INT4_GROUP_SIZES, quantize_int4, quantize_int8
+from chat_core.layers.weight_formats import INT4_GROUP_SIZES, Int8Groups, quantize_int4, quantize_int8
 from chat_core.layers.weight_kernels import Int4Kernel, Int8Kernel
 from chat_core.models.llama import LlamaForCausalLM
 from chat_core.quantization import QuantizationPlan
@@ -95,15 +96,62 @@ def test_the_int4_kernel_multiplies_by_the_stored_weights_and_reads_rows_back(ou
     assert float((y - reference).abs().max()) <= 2**-6 * float(reference.abs().max()) + 1e-3
 
 
-def test_the_int8_kernel_multiplies_by_the_stored_weights():
-    weight = random_weight(40, 96, 0)
-    quantized = quantize_int8(weight)
-    kernel = Int8Kernel(CPU, compute_dtype=torch.float32)
-    q, scale = kernel.pack(quantized)
-    x = torch.randn(5, 96)
-    torch.testing.assert_close(kernel.matmul(x, q, scale), x @ quantized.dequantize().T, atol=1e-4, rtol=1e-5)
-    rows = torch.tensor([0, 39, 7])
-    torch.testing.assert_close(kernel.read_rows(q, scale, rows, torch.float32), quantized.dequantize()[rows])
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(1, 150),
+    groups=st.integers(1, 5),
+    per_group=st.booleans(),
+    compute=st.sampled_from(list(DTYPES)),
+    batch=st.integers(1, 9),
+    seed=st.integers(0, 2**16),
+)
+def test_the_int8_kernel_multiplies_by_the_stored_weights_and_reads_rows_back(rows, groups, per_group, compute, batch, seed):
+    """Per row (quantized from floats) and per 32 inputs (GGUF Q8_0), through the native kernel (float32) or
+    torch's (bfloat16; per row only); rows read back are exactly q x scale."""
+    generator = torch.Generator().manual_seed(seed)
+    cols = 32 * groups
+    kernel = Int8Kernel(CPU, compute_dtype=DTYPES[compute])
+    if per_group:
+        if not kernel.supports_groups:
+            with pytest.raises(ValueError, match="needs the native CPU kernel"):
+                kernel.pack(Int8Groups(torch.zeros(rows, cols, dtype=torch.int8), torch.ones(rows, groups)))
+            return
+        quantized = Int8Groups(
+            torch.randint(-128, 128, (rows, cols), dtype=torch.int8, generator=generator),
+            torch.rand(rows, groups, generator=generator).half().float(),  # GGUF's scales are float16
+        )
+    else:
+        quantized = quantize_int8(random_weight(rows, cols + seed % 7, seed), round_to=DTYPES[compute])
+    packed = kernel.pack(quantized)
+    dense = quantized.dequantize()
+    x = torch.randn(batch, dense.shape[1], generator=generator)
+    reference = x @ dense.T
+    if kernel.native or compute == "float32":
+        torch.testing.assert_close(kernel.matmul(x, packed), reference, atol=1e-4, rtol=1e-5)
+    else:  # bfloat16 products: within bfloat16's rounding of the same result
+        assert float((kernel.matmul(x, packed) - reference).abs().max()) <= 2**-6 * float(reference.abs().max()) + 1e-3
+    row_ids = torch.randint(0, rows, (7,), generator=generator)
+    assert torch.equal(kernel.read_rows(packed, row_ids, torch.float32), dense[row_ids])
+
+
+@pytest.mark.skipif(not native_kernels.available(), reason="the native kernels need an x86-64 CPU with AVX-512 and a C compiler")
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 130), batch=st.integers(2, 11), seed=st.integers(0, 2**16))
+def test_the_native_kernels_give_a_row_the_same_bits_whatever_it_is_batched_with(rows, batch, seed):
+    """What `batch_invariant` rests on: each row of x is reduced alone, in the same order for any batch."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 96, generator=generator)
+    int4, int8 = Int4Kernel(CPU, torch.float32), Int8Kernel(CPU, torch.float32)
+    packed = [
+        (int4, int4.pack(quantize_int4(random_weight(rows, 96, seed), 32))),
+        (int8, int8.pack(quantize_int8(random_weight(rows, 96, seed + 1)))),
+        (int8, int8.pack(Int8Groups(torch.randint(-128, 128, (rows, 96), dtype=torch.int8, generator=generator), torch.rand(rows, 3)))),
+    ]
+    for kernel, weight in packed:
+        together = kernel.matmul(x, weight)
+        for i in range(batch):
+            assert torch.equal(together[i : i + 1], kernel.matmul(x[i : i + 1], weight))
+        assert torch.equal(together[1:], kernel.matmul(x[1:], weight))
 
 
 @pytest.mark.parametrize("method_name", ["int8", "int4"])
@@ -168,7 +216,11 @@ def test_gguf_q4_tensors_are_repacked_not_requantized(tmp_path, tiny_checkpoints
     kernel = Int4Kernel(CPU, compute_dtype=torch.float32)
     packed = kernel.pack(groups)
     rows = torch.arange(tensor.shape[0])
-    assert torch.equal(kernel.read_rows(packed, rows, torch.float32), groups.dequantize())
+    if kernel.native:  # scale q + low, float16 as stored: gguf's own arithmetic (d q + m), bit for bit
+        assert packed.scales_and_zeros.dtype == torch.float16
+        assert torch.equal(kernel.read_rows(packed, rows, torch.float32), expected)
+    else:
+        assert torch.equal(kernel.read_rows(packed, rows, torch.float32), groups.dequantize())
     # Slices along either dimension read the same groups as the whole.
     top = tensor.read_int4_groups(0, 8, 16)
     assert torch.equal(top.q, groups.q[8:24]) and torch.equal(top.scale, groups.scale[8:24])
@@ -236,8 +288,10 @@ def test_quantization_is_chosen_per_layer_and_the_engine_generates(tiny_checkpoi
 
 
 def test_the_default_model_keeps_one_copy_of_each_weight(smollm2_path):
-    """Q4_1 matrices stay 4-bit (0.5 byte a weight, plus a bfloat16 scale and zero per 32), everything
-    else is dense float32; nothing is kept twice (no float copy beside a packed one)."""
+    """Q4_1 matrices stay 4-bit (0.5 byte a weight, plus a scale and zero per 32: bfloat16 for torch's kernels,
+    float32 for the native one), the Q8_0 table stays 8-bit where the native kernels run (plus a float32
+    scale per 32), everything else is dense float32; nothing is kept twice (no float copy beside a packed one)."""
+    native = native_kernels.available()
     with Engine.from_pretrained(smollm2_path) as engine:
         model = engine.executor.worker.model_runner.model
         formats = engine.checkpoint.tensor_formats()
@@ -245,12 +299,19 @@ def test_the_default_model_keeps_one_copy_of_each_weight(smollm2_path):
         held = {id(t): t for t in [*model.parameters(), *model.buffers()] if t is not None}
         rotary = {id(model.rotary.cos_cache), id(model.rotary.signed_sin_cache)}
         weight_bytes = sum(t.numel() * t.element_size() for key, t in held.items() if key not in rotary)
+        assert model.lm_head.method.name == ("q8_0" if native else "dense")
+        int4_scale_bytes = 8 if model.layers[0].mlp.down_proj.method.kernel.native else 4  # a scale and a zero per 32
     expected = 0
     for name, shape in shapes.items():
         numel = math.prod(shape)
-        expected += numel // 2 + numel // 32 * 4 if formats[name] in ("Q4_0", "Q4_1") else numel * 4
+        if formats[name] in ("Q4_0", "Q4_1"):
+            expected += numel // 2 + numel // 32 * int4_scale_bytes
+        elif formats[name] == "Q8_0" and native:
+            expected += numel + numel // 32 * 4
+        else:
+            expected += numel * 4
     # The only slack: int4 rows padded to the kernel's blocks of 64 (q/k/v fused: 960 rows -> 1024).
-    padding = sum(64 * layer.self_attn.qkv_proj.input_size * (0.5 + 4 / 32) for layer in model.layers)
+    padding = sum(64 * layer.self_attn.qkv_proj.input_size * (0.5 + int4_scale_bytes / 32) for layer in model.layers)
     assert expected <= weight_bytes <= expected + padding, (weight_bytes, expected)
     assert sum(formats[name] == "Q4_1" for name in shapes) == 210  # every Q4_1 matrix of the file was kept packed
 

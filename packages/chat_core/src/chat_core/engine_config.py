@@ -24,7 +24,9 @@ class EngineConfig:
     device: str = "cpu"
     quantization: str | None = "auto"  # None/"none", "int8", "int4", "gguf" or "auto": see chat_core.quantization
     quantization_group_size: int | None = None  # int4 only: 32, 64 or 128 (default 32)
-    quantization_compute_dtype: str = "bfloat16"  # what quantized layers multiply in; "float32": exact, slow (CPU)
+    # What quantized layers multiply in: "auto" picks per kernel what measured faster (layers/weight_kernels.py);
+    # "float32" is exact (our native CPU kernels where they run, else torch's slow reference loops).
+    quantization_compute_dtype: str = "auto"
     max_model_len: int | None = None  # default: the model's context, capped at 8192
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
@@ -49,9 +51,10 @@ class EngineConfig:
         if self.dtype != "auto":
             resolve_dtype(self.dtype)
         validate_quantization(self.quantization, self.quantization_group_size)
-        if self.quantization_compute_dtype not in ("bfloat16", "float32"):
+        if self.quantization_compute_dtype not in ("auto", "bfloat16", "float32"):
             raise ValueError(
-                f"EngineConfig.quantization_compute_dtype={self.quantization_compute_dtype!r} is invalid: expected bfloat16 or float32"
+                f"EngineConfig.quantization_compute_dtype={self.quantization_compute_dtype!r} is invalid: "
+                "expected auto, bfloat16 or float32"
             )
         positive = ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size", "pipeline_parallel_size")
         for name in positive:

@@ -6,11 +6,12 @@
 - `"int4"`: 4-bit groups of `quantization_group_size` along the input, quantized as each tensor is read;
   the LM head in int8 (on SmolLM2 an int4 head raised perplexity from 16.5 to 17.7 and dropped teacher-forced
   top-1 agreement with the dense model from 97% to 78%; int8 there costs nothing measurable, and as little time).
-- `"gguf"`: a GGUF's quantized tensors kept as they are where a kernel multiplies them exactly (Q4_0 and
-  Q4_1, as 4-bit groups of 32); every other tensor dequantized as with `None`. Q8_0 stays dense on purpose:
-  its per-32 scales fit no kernel, and re-rounding it to one scale per row (int8), though it moved SmolLM2's
-  perplexity only from 16.48 to 16.53, flips the first token of its answer to "What is the capital of
-  France?" (a 0.1-logit tie), as does a bfloat16 copy of its Q8_0 embedding/LM head.
+- `"gguf"`: a GGUF's quantized tensors kept as they are where a kernel multiplies them exactly: Q4_0 and
+  Q4_1 as 4-bit groups of 32, and (on CPUs where the native kernels of `native_kernels` run) Q8_0 as int8 with
+  its scale per 32 inputs; every other tensor dequantized as with `None`. Without the native kernels Q8_0
+  stays dense on purpose: its per-32 scales fit no torch kernel, and re-rounding it to one scale per row
+  (int8), though it moved SmolLM2's perplexity only from 16.48 to 16.53, flips the first token of its answer
+  to "What is the capital of France?" (a 0.1-logit tie), as does a bfloat16 copy of its Q8_0 embedding/LM head.
 - `"auto"` (the default): `"gguf"` for a GGUF file with Q4_0/Q4_1 tensors, otherwise `None`.
 
 Embeddings stay dense (they are gathered, not multiplied), except a tied one, which reads its rows from
@@ -24,11 +25,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from chat_core.layers.linear_methods import DenseMethod, Int4Method, Int8Method, LinearMethod
+from chat_core.layers import native_kernels
+from chat_core.layers.linear_methods import DenseMethod, Int4Method, Int8GroupsMethod, Int8Method, LinearMethod
 from chat_core.layers.weight_formats import INT4_GROUP_SIZES
 
 QUANTIZATIONS = ("auto", "none", "int8", "int4", "gguf")
 GGUF_INT4_TYPES = ("Q4_0", "Q4_1")  # 4-bit groups of 32: exactly what the int4 kernels take
+GGUF_INT8_TYPES = ("Q8_0",)  # int8 with a scale per 32 inputs: what the native int8 kernel takes
 # Measured on SmolLM2 (benchmarks/bench_quality.py): groups of 64 or 128 cost far more accuracy than 32
 # (perplexity 16.5 -> 24-29) for a few percent of speed.
 DEFAULT_INT4_GROUP_SIZE = 32
@@ -55,8 +58,8 @@ def resolve_quantization(quantization: str | None, tensor_formats: Mapping[str, 
 
 
 def resolve_dtype_name(dtype: str, device: str) -> str:
-    """`dtype="auto"`: bfloat16 on CUDA, float32 on CPU (where quantized layers still multiply in bfloat16,
-    see `weight_kernels`: float32 activations around them keep a small model's answers those of float32)."""
+    """`dtype="auto"`: bfloat16 on CUDA, float32 on CPU (where quantized layers may multiply in bfloat16, see
+    `weight_kernels`: float32 activations around them keep a small model's answers those of float32)."""
     if dtype != "auto":
         return dtype
     return "bfloat16" if device.startswith("cuda") else "float32"
@@ -68,7 +71,8 @@ class QuantizationPlan:
 
     mode: str | None = None  # resolved: None, "int8", "int4" or "gguf"
     dtype: torch.dtype = torch.float32
-    compute_dtype: torch.dtype = torch.bfloat16  # of the quantized products (see weight_kernels)
+    # Of the quantized products (see weight_kernels); None: per kernel, the faster here (`int8_compute_dtype`...).
+    compute_dtype: torch.dtype | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     group_size: int = DEFAULT_INT4_GROUP_SIZE
     tensor_formats: Mapping[str, str] = field(default_factory=dict)
@@ -89,7 +93,7 @@ class QuantizationPlan:
     def lm_head(self, checkpoint_name: str, *, tied: bool) -> LinearMethod:
         """The LM head's method; when `tied` it is also the embedding table, so it must read rows back."""
         if self.mode == "int4":
-            return Int8Method(self.dtype, self.device, self.compute_dtype)  # see the module docstring
+            return Int8Method(self.dtype, self.device, self.int8_compute_dtype)  # see the module docstring
         quantized = self._quantized([checkpoint_name])
         if quantized is not None and (not tied or quantized.can_read_rows):
             return quantized
@@ -102,14 +106,30 @@ class QuantizationPlan:
         return DenseMethod(self.dtype, self.device)
 
     @property
+    def int8_compute_dtype(self) -> torch.dtype:
+        """int8: float32 where the native kernel runs (measured faster here than torch's bfloat16 one, and exact)."""
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        return torch.float32 if self._on_cpu and native_kernels.available() else torch.bfloat16
+
+    @property
+    def int4_compute_dtype(self) -> torch.dtype:
+        """int4: bfloat16 (torch's kernel measured faster than the native float32 one, which is exact)."""
+        return self.compute_dtype or torch.bfloat16
+
+    @property
     def _on_cpu(self) -> bool:
         return self.device.type == "cpu"
 
     def _quantized(self, checkpoint_names: list[str]) -> LinearMethod | None:
         if self.mode == "int8":
-            return Int8Method(self.dtype, self.device, self.compute_dtype)
+            return Int8Method(self.dtype, self.device, self.int8_compute_dtype)
         if self.mode == "int4":
-            return Int4Method(self.dtype, self.device, self.group_size, self.compute_dtype)
-        if self.mode == "gguf" and all(self.tensor_formats.get(name) in GGUF_INT4_TYPES for name in checkpoint_names):
-            return Int4Method(self.dtype, self.device, 32, self.compute_dtype)
+            return Int4Method(self.dtype, self.device, self.group_size, self.int4_compute_dtype)
+        if self.mode == "gguf":
+            formats = {self.tensor_formats.get(name) for name in checkpoint_names}
+            if formats <= set(GGUF_INT4_TYPES):
+                return Int4Method(self.dtype, self.device, 32, self.int4_compute_dtype)
+            if formats <= set(GGUF_INT8_TYPES) and self._on_cpu and native_kernels.available():
+                return Int8GroupsMethod(self.dtype, self.device)
         return None

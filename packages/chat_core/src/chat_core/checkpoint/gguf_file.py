@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from chat_core.checkpoint.errors import CheckpointError
-from chat_core.layers.weight_formats import Int4Groups
+from chat_core.layers.weight_formats import INT8_GROUP_SIZE, Int4Groups, Int8Groups
 
 # Block-quantized types keep each row of a weight as whole blocks, so a slice of rows reads only those rows.
 SUPPORTED_GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
@@ -110,18 +110,11 @@ class GGUFTensor:
 
     def read_int4_groups(self, dim: int | None, start: int = 0, length: int | None = None, group_size: int = 32) -> Int4Groups | None:
         """The slice as stored, for a Q4_0/Q4_1 matrix read in groups of 32; None for any other type or group size."""
-        if self.type_name not in INT4_GROUP_TYPES or group_size != self._block_size or len(self.shape) != 2:
+        if self.type_name not in INT4_GROUP_TYPES or group_size != self._block_size:
             return None
-        if dim is None:
-            raw = self._raw_rows(slice(None))
-        elif dim == 0:
-            length = self.shape[0] - start if length is None else length
-            raw = self._raw_rows(slice(start, start + length))
-        else:
-            length = self.shape[1] - start if length is None else length
-            if start % self._block_size or length % self._block_size:
-                return None
-            raw = self._raw_rows(slice(None), column_blocks=(start, length))
+        raw = self._raw_slice(dim, start, length)
+        if raw is None:
+            return None
         rows = raw.shape[0]
         blocks = np.ascontiguousarray(raw).reshape(rows, -1, 20 if self.type_name == "Q4_1" else 18)
         d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # [rows, groups]
@@ -132,6 +125,33 @@ class GGUFTensor:
         else:  # w = d (q - 8)
             zero = np.zeros_like(d)
         return Int4Groups(torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(zero), group_size)
+
+    def read_int8_groups(self, dim: int | None, start: int = 0, length: int | None = None) -> Int8Groups | None:
+        """The slice as stored, for a Q8_0 matrix (int8 values, a scale per 32); None for any other type."""
+        if self.type_name != "Q8_0":
+            return None
+        raw = self._raw_slice(dim, start, length)
+        if raw is None:
+            return None
+        rows = raw.shape[0]
+        blocks = np.ascontiguousarray(raw).reshape(rows, -1, 2 + INT8_GROUP_SIZE)
+        d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # [rows, groups]
+        q = blocks[..., 2:].copy().view(np.int8).reshape(rows, -1)
+        return Int8Groups(torch.from_numpy(q), torch.from_numpy(d))
+
+    def _raw_slice(self, dim: int | None, start: int, length: int | None) -> np.ndarray | None:
+        """The stored blocks of a 2-d slice; None for a column slice that does not start and end on a block."""
+        if len(self.shape) != 2:
+            return None
+        if dim is None:
+            return self._raw_rows(slice(None))
+        if dim == 0:
+            length = self.shape[0] - start if length is None else length
+            return self._raw_rows(slice(start, start + length))
+        length = self.shape[1] - start if length is None else length
+        if start % self._block_size or length % self._block_size:
+            return None
+        return self._raw_rows(slice(None), column_blocks=(start, length))
 
     def _raw_rows(self, rows: slice, column_blocks: tuple[int, int] | None = None) -> np.ndarray:
         """The stored bytes of `rows` (in the row order), optionally only the blocks of some columns."""

@@ -10,6 +10,7 @@ the method, the layer ends up holding one copy of its weight.
   replacing the plain one.
 - `Int8Method`: int8 with a scale per output row, quantized from the checkpoint's floats.
 - `Int4Method`: 4-bit groups, quantized from floats or taken as they are from a GGUF Q4_0/Q4_1 tensor.
+- `Int8GroupsMethod`: a GGUF Q8_0 tensor taken as it is (int8, a scale per 32 inputs).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import nn
 
 from chat_core.checkpoint.tensor_source import TensorSource
 from chat_core.layers import cpu_gemm
-from chat_core.layers.weight_formats import INT4_GROUP_SIZES, Int4Groups, quantize_int4, quantize_int8
+from chat_core.layers.weight_formats import INT4_GROUP_SIZES, INT8_GROUP_SIZE, Int4Groups, quantize_int4, quantize_int8
 from chat_core.layers.weight_kernels import Int4Kernel, Int8Kernel, PackedInt4
 
 
@@ -126,10 +127,9 @@ class Int8Method(LinearMethod):
         self.kernel = Int8Kernel(self.device, compute_dtype)
 
     def create_weights(self, layer, output_size, input_size) -> None:
-        layer.register_buffer("qweight", torch.empty(output_size, input_size, dtype=torch.int8, device=self.device), persistent=False)
-        layer.register_buffer(
-            "weight_scale", torch.empty(output_size, dtype=self.kernel.compute_dtype, device=self.device), persistent=False
-        )
+        layer.output_size, layer.input_size = output_size, input_size
+        layer.int8_staging = []  # (row offset, Int8Channels/Int8Groups) of each slice read, until finish()
+        layer.packed_int8 = None
 
     def load(self, layer, source, dim, start, length, row_offset) -> None:
         if dim == 1:  # a slice of the inputs: scale by the whole row, so every tensor-parallel split rounds alike
@@ -138,15 +138,51 @@ class Int8Method(LinearMethod):
         else:
             weight = source.read() if dim is None else source.read(dim, start, length)
             channels = quantize_int8(weight, round_to=self.kernel.compute_dtype)
-        q, scale = self.kernel.pack(channels)
-        layer.qweight.narrow(0, row_offset, q.shape[0]).copy_(q)
-        layer.weight_scale.narrow(0, row_offset, q.shape[0]).copy_(scale)
+        layer.int8_staging.append((row_offset, channels))
+
+    def finish(self, layer) -> None:
+        layer.int8_staging.sort(key=lambda item: item[0])
+        parts = [part for _, part in layer.int8_staging]
+        whole = type(parts[0])(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))
+        if whole.q.shape != (layer.output_size, layer.input_size):
+            raise ValueError(f"int8 weight of {tuple(whole.q.shape)} loaded for a layer of {(layer.output_size, layer.input_size)}")
+        packed = self.kernel.pack(whole)
+        layer.packed_int8 = packed
+        # Registered as buffers so they move and count like every other tensor of the module.
+        layer.register_buffer("int8_weight", packed.weight, persistent=False)
+        layer.register_buffer("int8_scale", packed.scale, persistent=False)
+        layer.int8_staging = []
 
     def apply(self, layer, x):
-        return self.kernel.matmul(x, layer.qweight, layer.weight_scale)
+        return self.kernel.matmul(x, layer.packed_int8)
 
     def read_rows(self, layer, row_ids):
-        return self.kernel.read_rows(layer.qweight, layer.weight_scale, row_ids, self.dtype)
+        return self.kernel.read_rows(layer.packed_int8, row_ids, self.dtype)
+
+
+class Int8GroupsMethod(Int8Method):
+    """8-bit weights with a scale per 32 inputs, read as a GGUF Q8_0 tensor stores them (not re-rounded) and
+    multiplied in float32 by the native CPU kernel: the same weights as the dequantized table, a quarter of
+    the memory. Only for checkpoint tensors stored so (`QuantizationPlan` sees to it)."""
+
+    name = "q8_0"
+
+    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(dtype, device, torch.float32)
+        if not self.kernel.supports_groups:
+            raise ValueError(f"Q8_0 weights kept as stored need the native CPU kernels, unavailable on {self.device}")
+
+    def create_weights(self, layer, output_size, input_size) -> None:
+        if input_size % INT8_GROUP_SIZE:
+            raise ValueError(f"Q8_0 needs input features divisible by {INT8_GROUP_SIZE}; {layer.__class__.__name__} has {input_size}")
+        super().create_weights(layer, output_size, input_size)
+
+    def load(self, layer, source, dim, start, length, row_offset) -> None:
+        read_groups = getattr(source, "read_int8_groups", None)
+        groups = read_groups(dim, start, length) if read_groups is not None else None
+        if groups is None:
+            raise ValueError(f"{getattr(source, 'name', 'a tensor')} is not a Q8_0 tensor read on block boundaries; it cannot be kept as Q8_0")
+        layer.int8_staging.append((row_offset, groups))
 
 
 class Int4Method(LinearMethod):

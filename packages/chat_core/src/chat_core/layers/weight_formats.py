@@ -1,6 +1,7 @@
 """Weight-only quantization formats, as plain tensors: what a quantized weight *is*, not how it is multiplied.
 
 - `Int8Channels`: symmetric int8 with one scale per output row: w[n, k] = scale[n] * q[n, k].
+- `Int8Groups`: int8 with a scale per 32 inputs: w[n, k] = scale[n, k // 32] * q[n, k]: GGUF's Q8_0 as stored.
 - `Int4Groups`: 4-bit values in groups of `group_size` along the input: w[n, k] = scale[n, g] * (q[n, k] - 8) + zero[n, g]
   with g = k // group_size and q in 0..15 (the layout of torch's int4 kernels). GGUF's Q4_0 (zero = 0) and Q4_1
   (w = d q + m, so zero = m + 8 d) map onto it directly, so they are read into it without a round trip through floats.
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 INT4_GROUP_SIZES = (32, 64, 128)
+INT8_GROUP_SIZE = 32  # GGUF Q8_0's block
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,16 @@ class Int8Channels:
 
     def dequantize(self) -> torch.Tensor:
         return self.q.float() * self.scale.unsqueeze(1)
+
+
+@dataclass(frozen=True)
+class Int8Groups:
+    q: torch.Tensor  # [rows, cols] int8
+    scale: torch.Tensor  # [rows, cols // INT8_GROUP_SIZE] float32
+
+    def dequantize(self) -> torch.Tensor:
+        rows, cols = self.q.shape
+        return (self.q.float().view(rows, -1, INT8_GROUP_SIZE) * self.scale.unsqueeze(-1)).reshape(rows, cols)
 
 
 @dataclass(frozen=True)

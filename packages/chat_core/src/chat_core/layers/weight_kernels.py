@@ -1,17 +1,19 @@
 """The weight-only quantized matrix products of each device, behind one small interface.
 
-- int4: torch's tinygemm-style kernels: `_weight_int4pack_mm_for_cpu` on CPU, `_weight_int4pack_mm` on CUDA.
-- int8: `_weight_int8pack_mm` (per-output-channel scales) where the build has it for the device; otherwise
-  the weight is converted on the fly (correct everywhere, fast nowhere).
+- int4: our own float32 kernel on CPUs with AVX-512 (`native_kernels`); elsewhere torch's tinygemm-style
+  kernels, `_weight_int4pack_mm_for_cpu` on CPU and `_weight_int4pack_mm` on CUDA.
+- int8: with a scale per output row (`Int8Channels`) or per 32 inputs (`Int8Groups`, GGUF's Q8_0): our own
+  float32 kernel on such CPUs; otherwise, per row only, `_weight_int8pack_mm` where the build has it for the
+  device, else the weight converted on the fly (correct everywhere, fast nowhere).
 
-Each kernel computes in its `compute_dtype`, which also holds its scales: bfloat16 by default, the only
-dtype in which these kernels are fast (on CPU the float32 versions are reference loops, 20-50x slower;
-CUDA's int4 kernel takes nothing else). Activations of another dtype are cast around the product, so a
-float32 model keeps its residual stream, norms, attention and logits in float32. `compute_dtype=float32`
-(CPU) multiplies by exactly the stored weights, for verification.
+Each kernel computes in its `compute_dtype`, which also holds its scales. float32 is what the native CPU
+kernels compute in (and faster there than torch's kernels in bfloat16, which is all those are fast in: their
+float32 versions are reference loops, 20-50x slower; CUDA's int4 kernel takes nothing else). Activations of
+another dtype are cast around the product, so a float32 model keeps its residual stream, norms, attention and
+logits in float32.
 
-A kernel packs an `Int4Groups`/`Int8Channels` into whatever layout it multiplies fastest, and can give back
-rows of the weight (a tied embedding reads its rows from the LM head's packed weight: one copy).
+A kernel packs an `Int4Groups`/`Int8Channels`/`Int8Groups` into whatever layout it multiplies fastest, and can
+give back rows of the weight (a tied embedding reads its rows from the LM head's packed weight: one copy).
 `cpu_gemm` is the dense counterpart.
 """
 
@@ -23,13 +25,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from chat_core.layers.weight_formats import Int4Groups, Int8Channels
+from chat_core.layers import native_kernels
+from chat_core.layers.weight_formats import Int4Groups, Int8Channels, Int8Groups
 
 
 @dataclass(frozen=True)
 class PackedInt4:
     weight: torch.Tensor  # the kernel's packed layout
-    scales_and_zeros: torch.Tensor  # [in_features // group_size, padded out_features, 2] in the activation dtype
+    # torch's kernels: [groups, padded out_features, 2] (scale, zero) in the compute dtype;
+    # the native kernel: [2, groups, padded out_features] (scale, low: w = scale q + low), float16 where that
+    # holds them exactly (GGUF's), else float32.
+    scales_and_zeros: torch.Tensor
     out_features: int
     in_features: int
     group_size: int
@@ -42,6 +48,7 @@ class Int4Kernel:
         self.device = device
         self.on_cuda = device.type == "cuda"
         self.compute_dtype = torch.bfloat16 if self.on_cuda else compute_dtype
+        self.native = native_available(device, self.compute_dtype)
         # CPU packs rows in blocks of up to 64; CUDA's tiles need a multiple of 8.
         self.row_multiple = 8 if self.on_cuda else 64
 
@@ -52,6 +59,12 @@ class Int4Kernel:
         if padded != rows:  # zero rows: their outputs are sliced away
             q = F.pad(q, (0, 0, 0, padded - rows))
             scale, zero = F.pad(scale, (0, 0, 0, padded - rows)), F.pad(zero, (0, 0, 0, padded - rows))
+        if self.native:  # w = scale (q - 8) + zero = scale q + low
+            scale_low = torch.stack((scale.t(), (zero - 8 * scale).t())).float()
+            halves = scale_low.half()  # GGUF's scales and minima are float16: half the bytes, read every step
+            if torch.equal(halves.float(), scale_low):
+                scale_low = halves
+            return PackedInt4(native_kernels.pack_int4(q), scale_low.contiguous(), rows, cols, groups.group_size)
         scales_and_zeros = torch.stack((scale.t(), zero.t()), dim=-1).to(self.compute_dtype).contiguous().to(self.device)
         if self.on_cuda:
             nibbles = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8).to(self.device)
@@ -64,6 +77,11 @@ class Int4Kernel:
 
     def matmul(self, x: torch.Tensor, packed: PackedInt4) -> torch.Tensor:
         rows = x.reshape(-1, packed.in_features).to(self.compute_dtype)
+        if self.native:
+            y = native_kernels.int4_matmul(rows, packed.weight, packed.scales_and_zeros, packed.group_size).to(x.dtype)
+            if y.shape[-1] != packed.out_features:
+                y = y[:, : packed.out_features]
+            return y.view(*x.shape[:-1], packed.out_features)
         mm = torch.ops.aten._weight_int4pack_mm if self.on_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
         y = mm(rows, packed.weight, packed.group_size, packed.scales_and_zeros).to(x.dtype)
         if y.shape[-1] != packed.out_features:
@@ -72,10 +90,15 @@ class Int4Kernel:
 
     @property
     def can_read_rows(self) -> bool:
-        return not self.on_cuda and _cpu_int4_layout() is not None
+        return self.native or (not self.on_cuda and _cpu_int4_layout() is not None)
 
     def read_rows(self, packed: PackedInt4, row_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `row_ids` of the dequantized weight, [len(row_ids), in_features] (for a tied embedding)."""
+        if self.native:
+            q = native_kernels.unpack_int4_rows(packed.weight, row_ids, packed.in_features).float()
+            scale, low = packed.scales_and_zeros.index_select(2, row_ids).float().transpose(1, 2).unsqueeze(-1)  # [rows, groups, 1]
+            groups = q.view(len(row_ids), -1, packed.group_size)
+            return (groups * scale + low).reshape(len(row_ids), packed.in_features).to(dtype)
         layout = _cpu_int4_layout()
         if self.on_cuda or layout is None:
             raise NotImplementedError("this device's packed int4 layout cannot be read back by rows")
@@ -138,27 +161,66 @@ def _cpu_int4_layout() -> tuple[int, bool] | None:
     return None
 
 
+@dataclass(frozen=True)
+class PackedInt8:
+    weight: torch.Tensor  # [padded out_features, in_features] int8 in the kernel's layout
+    # torch's kernels: [out_features] in the compute dtype (a scale per row); the native kernel: float32,
+    # [padded out_features] (per row) or [in_features // 32, padded out_features] (per 32 inputs).
+    scale: torch.Tensor
+    out_features: int
+    in_features: int
+
+
 class Int8Kernel:
-    """int8 (per-output-channel scales) x activations."""
+    """int8 x activations: a scale per output row (`Int8Channels`), or per 32 inputs (`Int8Groups`, which
+    only the native kernel multiplies: see `supports_groups`)."""
 
     def __init__(self, device: torch.device, compute_dtype: torch.dtype = torch.bfloat16) -> None:
         self.device = device
         self.compute_dtype = compute_dtype
+        self.native = native_available(device, compute_dtype)
 
-    def pack(self, channels: Int8Channels) -> tuple[torch.Tensor, torch.Tensor]:
-        return channels.q.to(self.device).contiguous(), channels.scale.to(self.compute_dtype).to(self.device)
+    @property
+    def supports_groups(self) -> bool:
+        return self.native
 
-    def matmul(self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, q.shape[1]).to(self.compute_dtype)
-        if _has_int8pack_mm(self.device.type):
-            y = torch.ops.aten._weight_int8pack_mm(rows, q, scale)
+    def pack(self, weight: Int8Channels | Int8Groups) -> PackedInt8:
+        rows, cols = weight.q.shape
+        grouped = isinstance(weight, Int8Groups)
+        if self.native:
+            padded = -(-rows // native_kernels.INT8_BLOCK_ROWS) * native_kernels.INT8_BLOCK_ROWS
+            q = F.pad(weight.q, (0, 0, 0, padded - rows))  # zero rows: their outputs are sliced away
+            scale = F.pad(weight.scale.float().t() if grouped else weight.scale.float(), (0, padded - rows))
+            return PackedInt8(native_kernels.pack_int8(q), scale.contiguous(), rows, cols)
+        if grouped:
+            raise ValueError(f"int8 with a scale per 32 inputs needs the native CPU kernel; unavailable on {self.device}")
+        return PackedInt8(weight.q.to(self.device).contiguous(), weight.scale.to(self.compute_dtype).to(self.device), rows, cols)
+
+    def matmul(self, x: torch.Tensor, packed: PackedInt8) -> torch.Tensor:
+        rows = x.reshape(-1, packed.in_features).to(self.compute_dtype)
+        if self.native:
+            y = native_kernels.int8_matmul(rows, packed.weight, packed.scale)[:, : packed.out_features]
+        elif _has_int8pack_mm(self.device.type) and packed.in_features % 16 == 0:
+            # (torch 2.13's CPU kernel reads out of bounds with bfloat16 rows of other widths: it crashes)
+            y = torch.ops.aten._weight_int8pack_mm(rows, packed.weight, packed.scale)
         else:
-            y = F.linear(rows, q.to(rows.dtype)) * scale
-        return y.to(x.dtype).view(*x.shape[:-1], q.shape[0])
+            y = F.linear(rows, packed.weight.to(rows.dtype)) * packed.scale
+        return y.to(x.dtype).view(*x.shape[:-1], packed.out_features)
 
-    @staticmethod
-    def read_rows(q: torch.Tensor, scale: torch.Tensor, row_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return (q.index_select(0, row_ids).to(dtype) * scale.index_select(0, row_ids).unsqueeze(1)).to(dtype)
+    def read_rows(self, packed: PackedInt8, row_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `row_ids` of the dequantized weight, [len(row_ids), in_features]: exactly q x scale."""
+        if not self.native:
+            q, scale = packed.weight.index_select(0, row_ids), packed.scale.index_select(0, row_ids)
+            return (q.to(dtype) * scale.unsqueeze(1)).to(dtype)
+        q = native_kernels.unpack_int8_rows(packed.weight, row_ids)
+        if packed.scale.dim() == 2:  # a scale per 32 inputs
+            return Int8Groups(q, packed.scale.index_select(1, row_ids).t()).dequantize().to(dtype)
+        return (q.float() * packed.scale.index_select(0, row_ids).unsqueeze(1)).to(dtype)
+
+
+def native_available(device: torch.device, compute_dtype: torch.dtype) -> bool:
+    """Whether products in `compute_dtype` on `device` go through `native_kernels` (float32 on CPU)."""
+    return device.type == "cpu" and compute_dtype == torch.float32 and native_kernels.available()
 
 
 @functools.cache

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from chat_core.layers import native_kernels
 from chat_core.layers.attention import AttentionMetadata
 
 if TYPE_CHECKING:
@@ -210,6 +211,7 @@ def _artifact_key(runner: LlamaModelRunner, kv_caches: list[torch.Tensor]) -> st
         repr(runner.model_config),
         repr(runner.model),
         (str(runner.dtype), config.quantization, config.quantization_group_size, config.quantization_compute_dtype),
+        native_kernels.available(),  # which kernels "auto" picked
         runner.block_size,
         [(tuple(cache.shape), cache.dtype) for cache in kv_caches],
     ):
@@ -225,7 +227,7 @@ def _source_digest() -> str:
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     digest = hashlib.sha256()
     for directory, _, files in sorted(os.walk(package)):
-        for name in sorted(f for f in files if f.endswith(".py")):
+        for name in sorted(f for f in files if f.endswith((".py", ".c"))):
             with open(os.path.join(directory, name), "rb") as file:
                 digest.update(name.encode() + file.read())
     return digest.hexdigest()

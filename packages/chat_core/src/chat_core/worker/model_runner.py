@@ -79,7 +79,7 @@ class LlamaModelRunner(ModelRunnerBase[LlamaModelInput]):
         plan = QuantizationPlan(
             mode=config.quantization,
             dtype=self.dtype,
-            compute_dtype=resolve_dtype(config.quantization_compute_dtype),
+            compute_dtype=None if config.quantization_compute_dtype == "auto" else resolve_dtype(config.quantization_compute_dtype),
             device=self.device,
             group_size=config.quantization_group_size or DEFAULT_INT4_GROUP_SIZE,
             tensor_formats=checkpoint.tensor_formats(),

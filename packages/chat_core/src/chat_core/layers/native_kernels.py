@@ -1,0 +1,230 @@
+"""Our own CPU kernels for quantized weights (`native/quant_kernels.c`), built and loaded at run time.
+
+torch's weight-only kernels on CPU multiply in bfloat16 (their float32 versions are reference loops) and
+read a 4-bit weight at about 13 GB/s here; GGUF's Q8_0 has none at all (its scale per 32 inputs fits no
+torch op). `quant_kernels.c` multiplies 4-bit groups and 8-bit weights (a scale per 32 inputs or per row)
+by float32 activations, in float32, faster than torch's bfloat16 ones (benchmarks/bench_generate.py).
+
+The source is compiled once per machine with the system C compiler (`$CC`, else `cc`; about half a second)
+into `$CHAT_CORE_CACHE_DIR` (default `~/.cache/chat-core`), named by a digest of the source, the flags and
+the compiler, and loaded with ctypes; a one-off check against torch's arithmetic guards the result. Where
+this is not possible (a CPU without AVX-512, no compiler, `CHAT_CORE_NATIVE_KERNELS=0`) `available()` is
+False, the reason is logged once, and `weight_kernels` uses torch's kernels instead.
+
+Inside a compiled graph the products are torch ops (`chat_core::int4_mm`, `chat_core::int8_mm`) that the
+compiler calls as they are.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native") / "quant_kernels.c"
+FLAGS = ("-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC")
+INT8_GROUP = 32  # inputs per scale of an 8-bit weight with group scales (GGUF Q8_0)
+INT4_BLOCK_ROWS = INT8_BLOCK_ROWS = 64  # output rows per block of both layouts
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("CHAT_CORE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "chat-core"
+    )
+    return Path(root) / "native"
+
+
+def available() -> bool:
+    """Whether the native kernels are built, loaded and checked on this machine (decided once)."""
+    return _library() is not None
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("CHAT_CORE_NATIVE_KERNELS", "1") == "0":
+        logger.info("native quantized kernels turned off (CHAT_CORE_NATIVE_KERNELS=0): using torch's")
+        return None
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX512", "AVX512_BF16", "AMX"):  # torch names AVX-512 F, BW, VL and DQ so
+        logger.info("native quantized kernels need AVX-512; this CPU offers %s: using torch's", capability)
+        return None
+    try:
+        library = _load(_build())
+        _check(library)
+    except (OSError, RuntimeError, subprocess.SubprocessError, AssertionError) as exc:
+        logger.warning("native quantized kernels unavailable (%s): using torch's, which are slower here", exc)
+        return None
+    return library
+
+
+def _build() -> Path:
+    compiler = os.environ.get("CC") or "cc"
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C compiler {compiler!r} on PATH")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + repr((FLAGS, compiler, version)).encode()).hexdigest()[:16]
+    target = cache_dir() / f"quant_kernels-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Built under a temporary name and renamed: processes starting together (ranks) never load half a file.
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {result.stderr.strip()[-500:]}")
+        os.replace(built, target)
+    return target
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    library = ctypes.CDLL(str(path))
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    library.chat_int4_matmul.argtypes = [pointer] * 4 + [ctypes.c_int, pointer] + [size] * 4 + [ctypes.c_int]
+    library.chat_int4_matmul.restype = ctypes.c_int
+    library.chat_int8_matmul.argtypes = [pointer] * 3 + [ctypes.c_int, pointer] + [size] * 3 + [ctypes.c_int]
+    library.chat_int8_matmul.restype = ctypes.c_int
+    return library
+
+
+def _check(library: ctypes.CDLL) -> None:
+    """One small product of each kind against float64 arithmetic, rows 1 to 5 (a whole and a partial tile)."""
+    generator = torch.Generator().manual_seed(0)
+    rows, cols = 2 * INT4_BLOCK_ROWS, 96
+    x = torch.randn(5, cols, generator=generator)
+    q4 = torch.randint(0, 16, (rows, cols), dtype=torch.uint8, generator=generator)
+    scale_low = torch.stack((torch.rand(cols // 32, rows, generator=generator) + 0.5, torch.randn(cols // 32, rows, generator=generator)))
+    weight = q4.float() * scale_low[0].t().repeat_interleave(32, 1) + scale_low[1].t().repeat_interleave(32, 1)
+    weight_half = q4.float() * scale_low[0].half().float().t().repeat_interleave(32, 1) + scale_low[1].half().float().t().repeat_interleave(32, 1)
+    q8 = torch.randint(-128, 128, (rows, cols), dtype=torch.int8, generator=generator)
+    group_scale = torch.rand(cols // INT8_GROUP, rows, generator=generator)
+    row_scale = torch.rand(rows, generator=generator)
+    weight8 = q8.float() * group_scale.t().repeat_interleave(INT8_GROUP, 1)
+    for count in (1, 5):
+        rows_x = x[:count].contiguous()
+        checks = [
+            (_int4(library, rows_x, pack_int4(q4), scale_low, 32), weight),
+            (_int4(library, rows_x, pack_int4(q4), scale_low.half(), 32), weight_half),
+            (_int8(library, rows_x, pack_int8(q8), group_scale), weight8),
+            (_int8(library, rows_x, pack_int8(q8), row_scale), q8.float() * row_scale.unsqueeze(1)),
+        ]
+        for got, dense in checks:
+            want = rows_x.double() @ dense.double().t()
+            # float32 sums of these terms: a few units of 2^-24 of the sum of their magnitudes
+            bound = 1e-5 * (rows_x.double().abs() @ dense.double().abs().t())
+            if not bool(((got.double() - want).abs() <= bound).all()):
+                raise AssertionError(f"the built kernels disagree with float64 arithmetic by {(got.double() - want).abs().max():.3g}")
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """4-bit values q [rows (a multiple of 64), cols] uint8 in `chat_int4_matmul`'s layout, [rows, cols // 2] bytes."""
+    rows, cols = q.shape
+    halves = q.view(rows // INT4_BLOCK_ROWS, 2, INT4_BLOCK_ROWS // 2, cols)  # byte j: row j low, row j + 32 high
+    return (halves[:, 0] | halves[:, 1] << 4).transpose(1, 2).contiguous().view(rows, cols // 2)
+
+
+def unpack_int4_rows(packed: torch.Tensor, row_ids: torch.Tensor, cols: int) -> torch.Tensor:
+    """The 4-bit values of rows `row_ids` of a `pack_int4` weight, [len(row_ids), cols] uint8."""
+    blocks = packed.view(-1, cols, INT4_BLOCK_ROWS // 2)
+    within = row_ids % INT4_BLOCK_ROWS
+    data = blocks[row_ids // INT4_BLOCK_ROWS, :, within % (INT4_BLOCK_ROWS // 2)]
+    return torch.where((within >= INT4_BLOCK_ROWS // 2).unsqueeze(1), data >> 4, data & 15)
+
+
+def pack_int8(q: torch.Tensor) -> torch.Tensor:
+    """int8 values q [rows (a multiple of 64), cols] in `chat_int8_matmul`'s layout (64-row blocks, input-major)."""
+    rows, cols = q.shape
+    return q.view(rows // INT8_BLOCK_ROWS, INT8_BLOCK_ROWS, cols).transpose(1, 2).contiguous().view(rows, cols)
+
+
+def unpack_int8_rows(packed: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
+    """Rows `row_ids` of a `pack_int8` weight, [len(row_ids), cols] int8."""
+    cols = packed.shape[1]
+    return packed.view(-1, cols, INT8_BLOCK_ROWS)[row_ids // INT8_BLOCK_ROWS, :, row_ids % INT8_BLOCK_ROWS]
+
+
+def _int4(library: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, scale_low: torch.Tensor, group: int) -> torch.Tensor:
+    rows, cols = x.shape
+    out_features = packed.shape[0]
+    y = torch.empty(rows, out_features)
+    if rows:
+        status = library.chat_int4_matmul(
+            x.data_ptr(), packed.data_ptr(), scale_low[0].data_ptr(), scale_low[1].data_ptr(),
+            int(scale_low.dtype == torch.float16), y.data_ptr(),
+            rows, out_features, cols, group, torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            raise MemoryError(f"chat_int4_matmul could not allocate scratch for {rows} rows")
+    return y
+
+
+def _int8(library: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    rows, cols = x.shape
+    out_features = packed.shape[0]
+    y = torch.empty(rows, out_features)
+    if rows:
+        grouped = scale.dim() == 2  # [cols // 32, out]; else [out]: one scale per row
+        library.chat_int8_matmul(
+            x.data_ptr(), packed.data_ptr(), scale.data_ptr(), int(grouped), y.data_ptr(), rows, out_features, cols,
+            torch.get_num_threads(),
+        )  # fmt: skip
+    return y
+
+
+def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale_low: torch.Tensor, group: int) -> torch.Tensor:
+    """x [rows, cols] float32 @ W.T for a `pack_int4` weight [out, cols // 2] whose value is
+    scale_low[0][g, n] * q + scale_low[1][g, n] (float32 or float16, [2, cols // group, out]) -> [rows, out]."""
+    if torch.compiler.is_compiling():
+        return torch.ops.chat_core.int4_mm(x, packed, scale_low, group)
+    library = _library()
+    assert library is not None, "native kernels are not available; check available() first"
+    return _int4(library, x.contiguous(), packed, scale_low, group)
+
+
+def int8_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [rows, cols] float32 @ W.T for a `pack_int8` weight q [out, cols] times `scale`: float32 [cols // 32, out]
+    (one scale per 32 inputs, GGUF Q8_0) or [out] (one per row) -> [rows, out]."""
+    if torch.compiler.is_compiling():
+        return torch.ops.chat_core.int8_mm(x, packed, scale)
+    library = _library()
+    assert library is not None, "native kernels are not available; check available() first"
+    return _int8(library, x.contiguous(), packed, scale)
+
+
+def _int4_op(x: torch.Tensor, packed: torch.Tensor, scale_low: torch.Tensor, group: int) -> torch.Tensor:
+    library = _library()
+    assert library is not None
+    return _int4(library, x.contiguous(), packed, scale_low, group)
+
+
+def _int8_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    library = _library()
+    assert library is not None
+    return _int8(library, x.contiguous(), packed, scale)
+
+
+_LIBRARY = torch.library.Library("chat_core", "FRAGMENT")
+_LIBRARY.define("int4_mm(Tensor x, Tensor packed, Tensor scale_low, int group) -> Tensor")
+_LIBRARY.impl("int4_mm", _int4_op, "CompositeExplicitAutograd")
+_LIBRARY.define("int8_mm(Tensor x, Tensor packed, Tensor scale) -> Tensor")
+_LIBRARY.impl("int8_mm", _int8_op, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("chat_core::int4_mm")
+def _(x, packed, scale_low, group):  # type: ignore[no-untyped-def]
+    return x.new_empty(x.shape[0], packed.shape[0])
+
+
+@torch.library.register_fake("chat_core::int8_mm")
+def _(x, packed, scale):  # type: ignore[no-untyped-def]
+    return x.new_empty(x.shape[0], packed.shape[0])
