@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from chat_core import Engine, SamplingParams
+from chat_core.layers import native_kernels
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -60,6 +61,20 @@ def test_decode_logits_equal_transformers(smollm2_engine, hf_smollm2):
     with torch.no_grad():
         reference = hf_smollm2(torch.tensor([prompt + out.token_ids])).logits[0, len(prompt) - 1 : -1]
     torch.testing.assert_close(torch.cat(Recorder.logits), reference.float(), atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(not native_kernels.available(), reason="exact quantized products at speed need the native CPU kernels")
+def test_the_default_model_kept_quantized_answers_as_the_dequantized_one(smollm2_engine):
+    """Q4_1 weights kept 4-bit and the Q8_0 table kept 8-bit, multiplied in float32: the same weights as the
+    dequantized float32 engine, summed in another order, so the same greedy answers."""
+    with Engine.from_pretrained("smollm2-135m-instruct") as engine:
+        model = engine.executor.worker.model_runner.model
+        assert model.lm_head.method.name == "q8_0" and model.layers[0].mlp.down_proj.method.name == "int4"
+        prompts = [engine.chat_prompt([{"role": "user", "content": q}]) for q in QUESTIONS]
+        params = SamplingParams(temperature=0, max_tokens=48)
+        kept = engine.generate(prompts, params)
+    dequantized = smollm2_engine.generate(prompts, params)
+    assert [o.token_ids for o in kept] == [o.token_ids for o in dequantized]
 
 
 @pytest.mark.parametrize(

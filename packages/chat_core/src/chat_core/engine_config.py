@@ -24,8 +24,8 @@ class EngineConfig:
     device: str = "cpu"
     quantization: str | None = "auto"  # None/"none", "int8", "int4", "gguf" or "auto": see chat_core.quantization
     quantization_group_size: int | None = None  # int4 only: 32, 64 or 128 (default 32)
-    # What quantized layers multiply in: "auto" picks per kernel what measured faster (layers/weight_kernels.py);
-    # "float32" is exact (our native CPU kernels where they run, else torch's slow reference loops).
+    # What quantized layers multiply in: "auto" is float32 where our native CPU kernels run (AVX-512; exact and
+    # faster there), else bfloat16; "float32" elsewhere is exact but slow (torch's reference loops).
     quantization_compute_dtype: str = "auto"
     max_model_len: int | None = None  # default: the model's context, capped at 8192
     max_num_seqs: int = 64

@@ -49,6 +49,36 @@ class SingleRank:
 SINGLE_RANK = SingleRank()
 
 
+class RankOrderedSums:
+    """`group`, with an all-reduce that adds the ranks' tensors in rank order whatever their size: an
+    all-gather, then ((r0 + r1) + r2) ... here. A collective's own reduction order may depend on the tensor's
+    size (gloo's ring all-reduce cuts it into one chunk per rank, each summed starting from another rank), so
+    float32 partial sums of a row would get other bits in another batch; `batch_invariant` needs these."""
+
+    def __init__(self, group: TensorParallelGroup) -> None:
+        self.group = group
+
+    @property
+    def rank(self) -> int:
+        return self.group.rank
+
+    @property
+    def size(self) -> int:
+        return self.group.size
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.group.size == 1:
+            return tensor
+        ranks = self.group.all_gather(tensor.unsqueeze(0), dim=0)
+        total = ranks[0]
+        for rank in range(1, self.group.size):
+            total = total + ranks[rank]
+        return total
+
+    def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        return self.group.all_gather(tensor, dim)
+
+
 @dataclass(frozen=True)
 class PipelineStage:
     """Which part of the layer stack this rank runs: layers [start_layer, end_layer) of `num_layers`."""

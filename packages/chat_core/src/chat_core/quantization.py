@@ -71,7 +71,7 @@ class QuantizationPlan:
 
     mode: str | None = None  # resolved: None, "int8", "int4" or "gguf"
     dtype: torch.dtype = torch.float32
-    # Of the quantized products (see weight_kernels); None: per kernel, the faster here (`int8_compute_dtype`...).
+    # Of the quantized products (see weight_kernels); None: the faster here (`kernel_compute_dtype`).
     compute_dtype: torch.dtype | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     group_size: int = DEFAULT_INT4_GROUP_SIZE
@@ -93,7 +93,7 @@ class QuantizationPlan:
     def lm_head(self, checkpoint_name: str, *, tied: bool) -> LinearMethod:
         """The LM head's method; when `tied` it is also the embedding table, so it must read rows back."""
         if self.mode == "int4":
-            return Int8Method(self.dtype, self.device, self.int8_compute_dtype)  # see the module docstring
+            return Int8Method(self.dtype, self.device, self.kernel_compute_dtype)  # see the module docstring
         quantized = self._quantized([checkpoint_name])
         if quantized is not None and (not tied or quantized.can_read_rows):
             return quantized
@@ -106,16 +106,12 @@ class QuantizationPlan:
         return DenseMethod(self.dtype, self.device)
 
     @property
-    def int8_compute_dtype(self) -> torch.dtype:
-        """int8: float32 where the native kernel runs (measured faster here than torch's bfloat16 one, and exact)."""
+    def kernel_compute_dtype(self) -> torch.dtype:
+        """Unless set: float32 where the native CPU kernels run (exact, and measured faster here than torch's
+        bfloat16 kernels: benchmarks/bench_generate.py), else bfloat16 (the only dtype torch's are fast in)."""
         if self.compute_dtype is not None:
             return self.compute_dtype
         return torch.float32 if self._on_cpu and native_kernels.available() else torch.bfloat16
-
-    @property
-    def int4_compute_dtype(self) -> torch.dtype:
-        """int4: bfloat16 (torch's kernel measured faster than the native float32 one, which is exact)."""
-        return self.compute_dtype or torch.bfloat16
 
     @property
     def _on_cpu(self) -> bool:
@@ -123,13 +119,13 @@ class QuantizationPlan:
 
     def _quantized(self, checkpoint_names: list[str]) -> LinearMethod | None:
         if self.mode == "int8":
-            return Int8Method(self.dtype, self.device, self.int8_compute_dtype)
+            return Int8Method(self.dtype, self.device, self.kernel_compute_dtype)
         if self.mode == "int4":
-            return Int4Method(self.dtype, self.device, self.group_size, self.int4_compute_dtype)
+            return Int4Method(self.dtype, self.device, self.group_size, self.kernel_compute_dtype)
         if self.mode == "gguf":
             formats = {self.tensor_formats.get(name) for name in checkpoint_names}
             if formats <= set(GGUF_INT4_TYPES):
-                return Int4Method(self.dtype, self.device, 32, self.int4_compute_dtype)
+                return Int4Method(self.dtype, self.device, 32, self.kernel_compute_dtype)
             if formats <= set(GGUF_INT8_TYPES) and self._on_cpu and native_kernels.available():
                 return Int8GroupsMethod(self.dtype, self.device)
         return None

@@ -6,8 +6,8 @@ torch op). `quant_kernels.c` multiplies 4-bit groups and 8-bit weights (a scale 
 by float32 activations, in float32, faster than torch's bfloat16 ones (benchmarks/bench_generate.py).
 
 The source is compiled once per machine with the system C compiler (`$CC`, else `cc`; about half a second)
-into `$CHAT_CORE_CACHE_DIR` (default `~/.cache/chat-core`), named by a digest of the source, the flags and
-the compiler, and loaded with ctypes; a one-off check against torch's arithmetic guards the result. Where
+into `$CHAT_CORE_CACHE_DIR` (default `~/.cache/chat-core`), named by a digest of the source and the flags,
+and loaded with ctypes; a one-off check of each product against float64 arithmetic guards the result. Where
 this is not possible (a CPU without AVX-512, no compiler, `CHAT_CORE_NATIVE_KERNELS=0`) `available()` is
 False, the reason is logged once, and `weight_kernels` uses torch's kernels instead.
 
@@ -22,6 +22,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -68,21 +69,21 @@ def _library() -> ctypes.CDLL | None:
 
 
 def _build() -> Path:
-    compiler = os.environ.get("CC") or "cc"
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C compiler {compiler!r} on PATH")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + repr((FLAGS, compiler, version)).encode()).hexdigest()[:16]
+    """The library for this source and these flags: from the cache, else compiled into it."""
+    key = hashlib.sha256(SOURCE.read_bytes() + repr((FLAGS, platform.machine())).encode()).hexdigest()[:16]
     target = cache_dir() / f"quant_kernels-{key}.so"
     if target.exists():
         return target
+    compiler = os.environ.get("CC") or "cc"
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C compiler {compiler!r} on PATH")
     target.parent.mkdir(parents=True, exist_ok=True)
     # Built under a temporary name and renamed: processes starting together (ranks) never load half a file.
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
         result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {result.stderr.strip()[-500:]}")
+            raise RuntimeError(f"{compiler} exited with {result.returncode} compiling {SOURCE}: {result.stderr.strip()[-500:]}")
         os.replace(built, target)
     return target
 

@@ -17,7 +17,7 @@ from chat_core.layers.attention import AttentionMetadata, triton_supports
 from chat_core.layers.sampler import Sampler, SamplingTensors
 from chat_core.models.llama import LlamaForCausalLM
 from chat_core.outputs import IntermediateOutput, SamplerOutput
-from chat_core.parallel import SINGLE_RANK, PipelineStage, TensorParallelGroup
+from chat_core.parallel import SINGLE_RANK, PipelineStage, RankOrderedSums, TensorParallelGroup
 from chat_core.quantization import DEFAULT_INT4_GROUP_SIZE, QuantizationPlan
 from chat_core.worker.compiled_decode import CompiledDecoder
 from chat_core.worker.cuda_graphs import CudaGraphDecoder
@@ -62,7 +62,8 @@ class LlamaModelRunner(ModelRunnerBase[LlamaModelInput]):
         self.model_config = model_config
         self.device = device
         self.dtype = resolve_dtype(engine_config.dtype)
-        self.tp = tp
+        # Batch invariance under tensor parallel: the all-reduce must add ranks in an order that is always the same.
+        self.tp = RankOrderedSums(tp) if engine_config.batch_invariant and tp.size > 1 else tp
         self.stage = stage
         self.block_size = engine_config.block_size
         self.max_model_len = engine_config.resolve_max_model_len(model_config.max_position_embeddings)

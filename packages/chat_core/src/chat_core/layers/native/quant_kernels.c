@@ -24,6 +24,7 @@
 #define INLINE static inline __attribute__((always_inline))
 #define ROW_TILE 4 /* rows of x per pass over a weight block: 4 x 4 accumulators fit the 32 registers */
 
+#define PREFETCH_BYTES 4096 /* how far ahead of the weights being read to ask for more (past page ends too) */
 #define INT4_ROW_TILE 2 /* 2 x 4 group sums + 2 x 4 totals + 4 weights: the 32 registers, no spills */
 
 /* One block's 64 rows for `rows` (1 or 2) rows of x. Per group: unscaled sums of q x (the low nibble turned
@@ -46,6 +47,7 @@ INLINE void int4_block(const float *x, const float *xsum, const uint8_t *block, 
             for (int j = 0; j < 4; j++) sums[r][j] = _mm512_setzero_ps();
         for (int64_t k = g * group; k < (g + 1) * group; k++) {
             const uint8_t *bytes = block + k * 32;
+            _mm_prefetch((const char *)(bytes + PREFETCH_BYTES), _MM_HINT_T0);
             __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)bytes));        /* rows 0-15 | 32-47 */
             __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(bytes + 16))); /* rows 16-31 | 48-63 */
             __m512 w[4];
@@ -105,6 +107,7 @@ INLINE void int8_inputs(const float *x, const int8_t *block, const __m512 *s, __
                         int64_t k1, int scaled, int rows) {
     for (int64_t k = k0; k < k1; k++) {
         const int8_t *bytes = block + k * 64;
+        _mm_prefetch((const char *)(bytes + PREFETCH_BYTES), _MM_HINT_T0);
         __m512 w[4];
         for (int j = 0; j < 4; j++) {
             w[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(bytes + 16 * j))));
