@@ -288,9 +288,10 @@ def test_quantization_is_chosen_per_layer_and_the_engine_generates(tiny_checkpoi
 
 
 def test_the_default_model_keeps_one_copy_of_each_weight(smollm2_path):
-    """Q4_1 matrices stay 4-bit (0.5 byte a weight, plus a scale and zero per 32: bfloat16 for torch's kernels,
-    float32 for the native one), the Q8_0 table stays 8-bit where the native kernels run (plus a float32
-    scale per 32), everything else is dense float32; nothing is kept twice (no float copy beside a packed one)."""
+    """Q4_1 matrices stay 4-bit (0.5 byte a weight, plus two numbers per 32: a bfloat16 scale and zero for
+    torch's kernels, GGUF's own float16 scale and minimum for the native one), the Q8_0 table stays 8-bit
+    where the native kernels run (plus a float32 scale per 32), everything else is dense float32; nothing
+    is kept twice (no float copy beside a packed one)."""
     native = native_kernels.available()
     with Engine.from_pretrained(smollm2_path) as engine:
         model = engine.executor.worker.model_runner.model
@@ -300,7 +301,7 @@ def test_the_default_model_keeps_one_copy_of_each_weight(smollm2_path):
         rotary = {id(model.rotary.cos_cache), id(model.rotary.signed_sin_cache)}
         weight_bytes = sum(t.numel() * t.element_size() for key, t in held.items() if key not in rotary)
         assert model.lm_head.method.name == ("q8_0" if native else "dense")
-        int4_scale_bytes = 8 if model.layers[0].mlp.down_proj.method.kernel.native else 4  # a scale and a zero per 32
+        int4_scale_bytes = 2 * model.layers[0].mlp.down_proj.packed_int4.scales_and_zeros.element_size()  # two per 32
     expected = 0
     for name, shape in shapes.items():
         numel = math.prod(shape)

@@ -1,9 +1,11 @@
 """Our own CPU kernels for quantized weights (`native/quant_kernels.c`), built and loaded at run time.
 
-torch's weight-only kernels on CPU multiply in bfloat16 (their float32 versions are reference loops) and
-read a 4-bit weight at about 13 GB/s here; GGUF's Q8_0 has none at all (its scale per 32 inputs fits no
-torch op). `quant_kernels.c` multiplies 4-bit groups and 8-bit weights (a scale per 32 inputs or per row)
-by float32 activations, in float32, faster than torch's bfloat16 ones (benchmarks/bench_generate.py).
+torch's weight-only kernels on CPU are fast only in bfloat16 (their float32 versions are reference loops),
+and GGUF's Q8_0 has none at all (its scale per 32 inputs fits no torch op). `quant_kernels.c` multiplies
+4-bit groups and 8-bit weights (a scale per 32 inputs or per row) by float32 activations, in float32, with
+the weights' 64 rows of a block in the lanes of four vectors and software prefetching. Measured here
+(SmolLM2's 120 int4 layers at batch 1, caches flushed first): 5.2-5.4 ms against 5.9-6.5 ms for torch's
+bfloat16 kernel; its 8-bit LM head 1.0-1.4 ms a step against 4.9 ms for the float32 table it replaces.
 
 The source is compiled once per machine with the system C compiler (`$CC`, else `cc`; about half a second)
 into `$CHAT_CORE_CACHE_DIR` (default `~/.cache/chat-core`), named by a digest of the source and the flags,
@@ -104,9 +106,13 @@ def _check(library: ctypes.CDLL) -> None:
     rows, cols = 2 * INT4_BLOCK_ROWS, 96
     x = torch.randn(5, cols, generator=generator)
     q4 = torch.randint(0, 16, (rows, cols), dtype=torch.uint8, generator=generator)
-    scale_low = torch.stack((torch.rand(cols // 32, rows, generator=generator) + 0.5, torch.randn(cols // 32, rows, generator=generator)))
-    weight = q4.float() * scale_low[0].t().repeat_interleave(32, 1) + scale_low[1].t().repeat_interleave(32, 1)
-    weight_half = q4.float() * scale_low[0].half().float().t().repeat_interleave(32, 1) + scale_low[1].half().float().t().repeat_interleave(32, 1)
+    groups = cols // 32
+    scale_low = torch.stack((torch.rand(groups, rows, generator=generator) + 0.5, torch.randn(groups, rows, generator=generator)))
+
+    def int4_weight(scale_low: torch.Tensor) -> torch.Tensor:
+        scale, low = scale_low.float().transpose(1, 2).repeat_interleave(32, 2)
+        return q4.float() * scale + low
+
     q8 = torch.randint(-128, 128, (rows, cols), dtype=torch.int8, generator=generator)
     group_scale = torch.rand(cols // INT8_GROUP, rows, generator=generator)
     row_scale = torch.rand(rows, generator=generator)
@@ -114,8 +120,8 @@ def _check(library: ctypes.CDLL) -> None:
     for count in (1, 5):
         rows_x = x[:count].contiguous()
         checks = [
-            (_int4(library, rows_x, pack_int4(q4), scale_low, 32), weight),
-            (_int4(library, rows_x, pack_int4(q4), scale_low.half(), 32), weight_half),
+            (_int4(library, rows_x, pack_int4(q4), scale_low, 32), int4_weight(scale_low)),
+            (_int4(library, rows_x, pack_int4(q4), scale_low.half(), 32), int4_weight(scale_low.half())),
             (_int8(library, rows_x, pack_int8(q8), group_scale), weight8),
             (_int8(library, rows_x, pack_int8(q8), row_scale), q8.float() * row_scale.unsqueeze(1)),
         ]

@@ -160,9 +160,10 @@ class SentencePieceVocabTokenizer(HFTokenizer):
         self._strip_dummy_prefix = strip_dummy_prefix
 
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
-        pieces: list[str | int] = []
+        pieces: list[str | int | None] = []
         for token_id in token_ids:
             if skip_special_tokens and token_id in self.all_special_ids:
+                pieces.append(None)  # left out, but it still ends a run of bytes
                 continue
             byte = self._byte_values.get(token_id)
             piece = self.backend.id_to_token(token_id) if byte is None else byte

@@ -94,13 +94,12 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         sp = self._processor
-        pieces: list[str | int] = []
+        pieces: list[str | int | None] = []
         for token_id in token_ids:
             if not 0 <= token_id < self.vocab_size:
                 continue  # as `tokenizers` does: an id the model may emit but the vocabulary lacks
             if token_id in self._special_ids:
-                if not skip_special_tokens:
-                    pieces.append(sp.id_to_piece(token_id))
+                pieces.append(None if skip_special_tokens else sp.id_to_piece(token_id))
             elif sp.is_byte(token_id):
                 pieces.append(int(sp.id_to_piece(token_id)[3:5], 16))  # pieces "<0x00>".."<0xFF>"
             else:
@@ -144,19 +143,31 @@ def _load_processor(model_proto: bytes, source: str) -> sentencepiece.SentencePi
     return processor
 
 
-def join_pieces(pieces: Sequence[str | int], *, strip_dummy_prefix: bool) -> str:
-    """SentencePiece's decoding of pieces (text with "▁" for spaces) and bytes (ints, from "<0x..>" pieces).
+def join_pieces(pieces: Sequence[str | int | None], *, strip_dummy_prefix: bool) -> str:
+    """SentencePiece's decoding of pieces (text with "▁" for spaces) and bytes (ints, from "<0x..>" pieces);
+    None stands for a special token left out, which still ends a run of bytes, as in SentencePiece.
 
     The first piece loses the space SentencePiece put before the text; each byte that is not part
     of a valid UTF-8 character becomes one U+FFFD, so text already decoded never changes when
     more pieces follow (Python's "replace" would give one U+FFFD per broken sequence).
     """
-    out = bytearray()
-    for index, piece in enumerate(pieces):
+    text, out = [], bytearray()
+    first = True
+    for piece in pieces:
+        if piece is None:  # bytes on either side of a skipped special token are never one character
+            text.append(_decode_bytes(out))
+            out = bytearray()
+            continue
         if isinstance(piece, int):
             out.append(piece)
-            continue
-        if index == 0 and strip_dummy_prefix and piece.startswith(_SPACE):
-            piece = piece[1:]
-        out += piece.replace(_SPACE, " ").encode()
+        else:
+            if first and strip_dummy_prefix and piece.startswith(_SPACE):
+                piece = piece[1:]
+            out += piece.replace(_SPACE, " ").encode()
+        first = False
+    text.append(_decode_bytes(out))
+    return "".join(text)
+
+
+def _decode_bytes(out: bytearray) -> str:
     return out.decode("utf-8", errors="surrogateescape").translate(_ESCAPED_BYTE_TO_REPLACEMENT)
