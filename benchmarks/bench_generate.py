@@ -235,6 +235,7 @@ def measure(config: Config, work_dir: str, passes: int, new_tokens: int, batches
     runner = OurEngine(path, config.options) if config.impl == "chat" else Transformers(path, config.options)
     sync()
     load_s = time.perf_counter() - start
+    _, load_rss = rss_mib()
     ids = prompt_ids(runner.vocab_size)
     runner.run(ids, 1, 4)  # warm-up
 
@@ -245,7 +246,7 @@ def measure(config: Config, work_dir: str, passes: int, new_tokens: int, batches
         sync()
         return time.perf_counter() - t
 
-    result: dict[str, float] = {"load_s": load_s}
+    result: dict[str, float] = {"load_s": load_s, "load_rss_mib": load_rss}
     result["ttft_ms"] = statistics.median(timed(1, 1) for _ in range(passes)) * 1000
     for batch in batches:
         first = statistics.median(timed(batch, 1) for _ in range(passes))
@@ -311,7 +312,7 @@ def main() -> None:
         results = per_round[config.name]
         if results:
             rows.append({"name": config.name, **{key: statistics.median(r[key] for r in results) for key in results[0]}})
-    columns = ["load_s", "ttft_ms", *[f"tok_s_b{b}" for b in args.batches], *[f"ms_step_b{b}" for b in args.batches], "peak_rss_mib", "steady_rss_mib"]
+    columns = ["load_s", "ttft_ms", *[f"tok_s_b{b}" for b in args.batches], *[f"ms_step_b{b}" for b in args.batches], "load_rss_mib", "peak_rss_mib", "steady_rss_mib"]
     print(f"{'configuration':<24}" + "".join(f"{c:>15}" for c in columns))
     for row in rows:
         print(f"{row['name']:<24}" + "".join(f"{row.get(c, float('nan')):>15.2f}" for c in columns))
