@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from chat_core.layers import native_kernels
 from chat_core.layers.linear_methods import DenseMethod, Int4Method, Int8GroupsMethod, Int8Method, LinearMethod
 from chat_core.layers.weight_formats import INT4_GROUP_SIZES
+from chat_core.layers.weight_kernels import native_available
 
 QUANTIZATIONS = ("auto", "none", "int8", "int4", "gguf")
 GGUF_INT4_TYPES = ("Q4_0", "Q4_1")  # 4-bit groups of 32: exactly what the int4 kernels take
@@ -111,7 +111,7 @@ class QuantizationPlan:
         bfloat16 kernels: benchmarks/bench_generate.py), else bfloat16 (the only dtype torch's are fast in)."""
         if self.compute_dtype is not None:
             return self.compute_dtype
-        return torch.float32 if self._on_cpu and native_kernels.available() else torch.bfloat16
+        return torch.float32 if native_available(self.device, torch.float32) else torch.bfloat16
 
     @property
     def _on_cpu(self) -> bool:
@@ -126,6 +126,6 @@ class QuantizationPlan:
             formats = {self.tensor_formats.get(name) for name in checkpoint_names}
             if formats <= set(GGUF_INT4_TYPES):
                 return Int4Method(self.dtype, self.device, 32, self.kernel_compute_dtype)
-            if formats <= set(GGUF_INT8_TYPES) and self._on_cpu and native_kernels.available():
+            if formats <= set(GGUF_INT8_TYPES) and native_available(self.device, torch.float32):
                 return Int8GroupsMethod(self.dtype, self.device)
         return None

@@ -127,8 +127,7 @@ class Int8Method(LinearMethod):
         self.kernel = Int8Kernel(self.device, compute_dtype)
 
     def create_weights(self, layer, output_size, input_size) -> None:
-        layer.output_size, layer.input_size = output_size, input_size
-        layer.int8_staging = []  # (row offset, Int8Channels/Int8Groups) of each slice read, until finish()
+        _start_staging(layer, output_size, input_size)  # Int8Channels/Int8Groups slices, until finish()
         layer.packed_int8 = None
 
     def load(self, layer, source, dim, start, length, row_offset) -> None:
@@ -138,20 +137,15 @@ class Int8Method(LinearMethod):
         else:
             weight = source.read() if dim is None else source.read(dim, start, length)
             channels = quantize_int8(weight, round_to=self.kernel.compute_dtype)
-        layer.int8_staging.append((row_offset, channels))
+        layer.staging.append((row_offset, channels))
 
     def finish(self, layer) -> None:
-        layer.int8_staging.sort(key=lambda item: item[0])
-        parts = [part for _, part in layer.int8_staging]
-        whole = type(parts[0])(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))
-        if whole.q.shape != (layer.output_size, layer.input_size):
-            raise ValueError(f"int8 weight of {tuple(whole.q.shape)} loaded for a layer of {(layer.output_size, layer.input_size)}")
-        packed = self.kernel.pack(whole)
+        parts = _staged_slices(layer, "int8")
+        packed = self.kernel.pack(type(parts[0])(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts])))
         layer.packed_int8 = packed
         # Registered as buffers so they move and count like every other tensor of the module.
         layer.register_buffer("int8_weight", packed.weight, persistent=False)
         layer.register_buffer("int8_scale", packed.scale, persistent=False)
-        layer.int8_staging = []
 
     def apply(self, layer, x):
         return self.kernel.matmul(x, layer.packed_int8)
@@ -182,7 +176,7 @@ class Int8GroupsMethod(Int8Method):
         groups = read_groups(dim, start, length) if read_groups is not None else None
         if groups is None:
             raise ValueError(f"{getattr(source, 'name', 'a tensor')} is not a Q8_0 tensor read on block boundaries; it cannot be kept as Q8_0")
-        layer.int8_staging.append((row_offset, groups))
+        layer.staging.append((row_offset, groups))
 
 
 class Int4Method(LinearMethod):
@@ -201,8 +195,7 @@ class Int4Method(LinearMethod):
 
     def create_weights(self, layer, output_size, input_size) -> None:
         self.group_size = self._group_size_for(layer, input_size)
-        layer.output_size, layer.input_size = output_size, input_size
-        layer.int4_staging = []  # (row offset, Int4Groups) of each slice read, until finish()
+        _start_staging(layer, output_size, input_size)  # Int4Groups slices, until finish()
         layer.packed_int4 = None
 
     def _group_size_for(self, layer: nn.Module, input_size: int) -> int:
@@ -231,22 +224,18 @@ class Int4Method(LinearMethod):
         if groups is None:
             weight = source.read() if dim is None else source.read(dim, start, length)
             groups = quantize_int4(weight, self.group_size, round_to=self.kernel.compute_dtype)
-        layer.int4_staging.append((row_offset, groups))
+        layer.staging.append((row_offset, groups))
 
     def finish(self, layer) -> None:
-        layer.int4_staging.sort(key=lambda item: item[0])
-        parts = [groups for _, groups in layer.int4_staging]
+        parts = _staged_slices(layer, "int4")
         whole = Int4Groups(
             torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), torch.cat([p.zero for p in parts]), self.group_size
         )
-        if whole.q.shape != (layer.output_size, layer.input_size):
-            raise ValueError(f"int4 weight of {tuple(whole.q.shape)} loaded for a layer of {(layer.output_size, layer.input_size)}")
         packed = self.kernel.pack(whole)
         layer.packed_int4 = packed
         # Registered as buffers so they move and count like every other tensor of the module.
         layer.register_buffer("int4_weight", packed.weight, persistent=False)
         layer.register_buffer("int4_scales_and_zeros", packed.scales_and_zeros, persistent=False)
-        layer.int4_staging = []
 
     def apply(self, layer, x):
         return self.kernel.matmul(x, layer.packed_int4)
@@ -260,3 +249,20 @@ class Int4Method(LinearMethod):
 
     def extra_repr(self) -> str:
         return f"int4 (groups of {self.group_size})"
+
+
+# Quantized methods gather a layer's slices as they are read (each a format with `q` [rows, cols]) and
+# pack the whole once in finish(): a kernel's layout is not made slice by slice.
+def _start_staging(layer: nn.Module, output_size: int, input_size: int) -> None:
+    layer.output_size, layer.input_size = output_size, input_size
+    layer.staging = []  # (row offset, slice) of each slice read
+
+
+def _staged_slices(layer: nn.Module, name: str) -> list:
+    """The slices read, in row order (emptied from the layer), checked to make up its whole weight."""
+    parts = [part for _, part in sorted(layer.staging, key=lambda item: item[0])]
+    layer.staging = []
+    shape = (sum(p.q.shape[0] for p in parts), parts[0].q.shape[1] if parts else 0)
+    if shape != (layer.output_size, layer.input_size):
+        raise ValueError(f"{name} weight of {shape} loaded for a layer of {(layer.output_size, layer.input_size)}")
+    return parts

@@ -93,7 +93,7 @@ def _build() -> Path:
 def _load(path: Path) -> ctypes.CDLL:
     library = ctypes.CDLL(str(path))
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    library.chat_int4_matmul.argtypes = [pointer] * 4 + [ctypes.c_int, pointer] + [size] * 4 + [ctypes.c_int]
+    library.chat_int4_matmul.argtypes = [pointer] * 3 + [ctypes.c_int, pointer] + [size] * 4 + [ctypes.c_int]
     library.chat_int4_matmul.restype = ctypes.c_int
     library.chat_int8_matmul.argtypes = [pointer] * 3 + [ctypes.c_int, pointer] + [size] * 3 + [ctypes.c_int]
     library.chat_int8_matmul.restype = ctypes.c_int
@@ -166,8 +166,7 @@ def _int4(library: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, scale_low
     y = torch.empty(rows, out_features)
     if rows:
         status = library.chat_int4_matmul(
-            x.data_ptr(), packed.data_ptr(), scale_low[0].data_ptr(), scale_low[1].data_ptr(),
-            int(scale_low.dtype == torch.float16), y.data_ptr(),
+            x.data_ptr(), packed.data_ptr(), scale_low.data_ptr(), int(scale_low.dtype == torch.float16), y.data_ptr(),
             rows, out_features, cols, group, torch.get_num_threads(),
         )  # fmt: skip
         if status:
@@ -190,12 +189,10 @@ def _int8(library: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, scale: to
 
 def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale_low: torch.Tensor, group: int) -> torch.Tensor:
     """x [rows, cols] float32 @ W.T for a `pack_int4` weight [out, cols // 2] whose value is
-    scale_low[0][g, n] * q + scale_low[1][g, n] (float32 or float16, [2, cols // group, out]) -> [rows, out]."""
+    scale_low[0][g, n] * q + scale_low[1][g, n] (contiguous float32 or float16, [2, cols // group, out]) -> [rows, out]."""
     if torch.compiler.is_compiling():
         return torch.ops.chat_core.int4_mm(x, packed, scale_low, group)
-    library = _library()
-    assert library is not None, "native kernels are not available; check available() first"
-    return _int4(library, x.contiguous(), packed, scale_low, group)
+    return _int4_op(x, packed, scale_low, group)
 
 
 def int8_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -203,21 +200,21 @@ def int8_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> t
     (one scale per 32 inputs, GGUF Q8_0) or [out] (one per row) -> [rows, out]."""
     if torch.compiler.is_compiling():
         return torch.ops.chat_core.int8_mm(x, packed, scale)
+    return _int8_op(x, packed, scale)
+
+
+def _loaded() -> ctypes.CDLL:
     library = _library()
     assert library is not None, "native kernels are not available; check available() first"
-    return _int8(library, x.contiguous(), packed, scale)
+    return library
 
 
 def _int4_op(x: torch.Tensor, packed: torch.Tensor, scale_low: torch.Tensor, group: int) -> torch.Tensor:
-    library = _library()
-    assert library is not None
-    return _int4(library, x.contiguous(), packed, scale_low, group)
+    return _int4(_loaded(), x.contiguous(), packed, scale_low, group)
 
 
 def _int8_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    library = _library()
-    assert library is not None
-    return _int8(library, x.contiguous(), packed, scale)
+    return _int8(_loaded(), x.contiguous(), packed, scale)
 
 
 _LIBRARY = torch.library.Library("chat_core", "FRAGMENT")

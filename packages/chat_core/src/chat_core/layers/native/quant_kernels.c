@@ -7,7 +7,7 @@
  * - chat_int4_matmul: 4-bit W in 64-row blocks, the layout of torch's AVX-512 int4 kernel: block b is
  *   [K][32] bytes; byte j of input k holds row 64 b + j (low nibble) and row 64 b + 32 + j (high nibble).
  *   w[n, k] = scale[g, n] * q[n, k] + low[g, n] with g = k / group (GGUF's Q4_1 as stored: d q + m; Q4_0:
- *   low = -8 d), scale and low float32 or (`half`) float16. The 64 rows of a block are 4 vectors of 16
+ *   low = -8 d), scale and low one array [2][groups][N] of float32 or (`half`) float16. The 64 rows of a block are 4 vectors of 16
  *   lanes: no horizontal sums. Computed as scale * sum(q x) + low * sum(x) per group.
  * - chat_int8_matmul: 8-bit W in 64-row blocks, block b [K][64] bytes (byte j of input k: row 64 b + j),
  *   w[n, k] = q[n, k] * scale[n] (int8 per output channel) or q[n, k] * scale[k / 32][n] (`grouped`: GGUF's
@@ -72,10 +72,11 @@ INLINE void int4_block(const float *x, const float *xsum, const uint8_t *block, 
         for (int j = 0; j < 4; j++) _mm512_storeu_ps(y + r * N + 16 * j, acc[r][j]);
 }
 
-int chat_int4_matmul(const float *x, const uint8_t *w, const void *scale, const void *low, int half, float *y,
+int chat_int4_matmul(const float *x, const uint8_t *w, const void *scale_low, int half, float *y,
                      int64_t M, int64_t N, int64_t K, int64_t group, int threads) {
     const int64_t size = half ? 2 : 4; /* bytes per scale */
     const int64_t groups = K / group;
+    const char *scale = scale_low, *low = (const char *)scale_low + groups * N * size; /* [2][groups][N] */
     float *xsum = malloc(sizeof(float) * (size_t)(M * groups + 1));
     if (xsum == NULL) return -1;
     for (int64_t i = 0; i < M * groups; i++) {
@@ -90,7 +91,7 @@ int chat_int4_matmul(const float *x, const uint8_t *w, const void *scale, const 
             const float *xm = x + m * K, *xs = xsum + m * groups;
             float *ym = y + m * N + b * 64;
             /* a constant row count lets the compiler keep the accumulators in registers */
-            const char *sb = (const char *)scale + b * 64 * size, *lb = (const char *)low + b * 64 * size;
+            const char *sb = scale + b * 64 * size, *lb = low + b * 64 * size;
             if (M - m >= 2)
                 int4_block(xm, xs, block, sb, lb, half, ym, N, K, group, 2);
             else
