@@ -12,7 +12,13 @@ CPU (default): SmolLM2-135M-Instruct from the packaged GGUF (Q4_1), as
 - chat / ... compiled               the same with the decode step compiled (`compile_decode=True`); its load
                                     time includes the warm-up (compiling, or reading inductor's cache)
 - chat / gguf batch-inv.            the default with `batch_invariant=True`
+- chat / gguf eager               the default with `enforce_eager=True`: decode steps run op by op in Python
+                                   rather than as one recorded native call (worker/native_decode.py)
 - transformers / float32, bfloat16  reading the same GGUF
+- llama.cpp / Q4_1                 llama.cpp itself on the same file, where the `llama-cpp-cffi` wheel is installed
+                                   (`pip install --no-deps llama-cpp-cffi==0.4.20 cffi`: its CPU library, an AVX2
+                                   build, called directly; later wheels need a newer libstdc++ than Debian 12's);
+                                   greedy argmax over its logits, one sequence per llama.cpp sequence id
 `--compare-tree DIR` adds rows for another checkout of this repository (e.g. the previous release,
 `git worktree add /tmp/base <commit>`), run from its own sources in the same run.
 
@@ -55,7 +61,7 @@ LLAMA_32_1B = dict(
 @dataclass(frozen=True)
 class Config:
     name: str
-    impl: str  # "chat" or "transformers"
+    impl: str  # "chat", "transformers" or "llama.cpp"
     checkpoint: str  # "gguf" or "hf" (the HF directory this script writes) or "random"
     options: dict = field(default_factory=dict)
     tree: str | None = None  # another checkout's sources (chat only)
@@ -68,6 +74,7 @@ def cpu_configs(compare_tree: str | None) -> list[Config]:
         Config("chat gguf torch kernels", "chat", "gguf", {}, env={"CHAT_CORE_NATIVE_KERNELS": "0"}),
         Config("chat gguf int4 bf16", "chat", "gguf", {"quantization_compute_dtype": "bfloat16"}),
         Config("chat gguf int4 f32", "chat", "gguf", {"quantization_compute_dtype": "float32"}),
+        Config("chat gguf eager", "chat", "gguf", {"enforce_eager": True}),
         Config("chat gguf compiled", "chat", "gguf", {"compile_decode": True}),
         Config("chat gguf batch-inv.", "chat", "gguf", {"batch_invariant": True}),
         Config("chat int8", "chat", "hf", {"quantization": "int8"}),
@@ -81,6 +88,8 @@ def cpu_configs(compare_tree: str | None) -> list[Config]:
         Config("transformers float32", "transformers", "gguf", {"dtype": "float32"}),
         Config("transformers bfloat16", "transformers", "gguf", {"dtype": "bfloat16"}),
     ]
+    if llama_cpp_library() is not None:
+        configs.append(Config("llama.cpp Q4_1", "llama.cpp", "gguf", {}))
     if compare_tree:
         configs += [
             Config("baseline float32", "chat", "gguf", {"dtype": "float32"}, tree=compare_tree),
@@ -219,6 +228,67 @@ class Transformers:
         assert out.shape[1] == len(ids) + new_tokens
 
 
+def llama_cpp_library() -> str | None:
+    """The CPU library of the installed `llama-cpp-cffi` wheel (found without importing its package, whose
+    __init__ wants more dependencies), or None."""
+    import glob
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        found = glob.glob(os.path.join(location, "_llama_cpp_cpu*.so"))
+        if found:
+            return found[0]
+    return None
+
+
+class LlamaCpp:
+    """llama.cpp's C API through the cffi module of `llama-cpp-cffi`: batch sequences decoded side by side."""
+
+    def __init__(self, path: str, options: dict) -> None:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("_llama_cpp_cpu", llama_cpp_library())
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        self.lib, self.ffi = module.lib, module.ffi
+        self.lib.llama_backend_init()
+        self.model = self.lib.llama_model_load_from_file(path.encode(), self.lib.llama_model_default_params())
+        self.vocab_size = self.lib.llama_vocab_n_tokens(self.lib.llama_model_get_vocab(self.model))
+        self.contexts: dict[int, tuple] = {}  # batch size -> (context, llama_batch)
+
+    def context(self, batch: int) -> tuple:
+        if batch not in self.contexts:
+            params = self.lib.llama_context_default_params()
+            params.n_ctx, params.n_batch, params.n_ubatch = batch * 256, batch * PROMPT_TOKENS, batch * PROMPT_TOKENS
+            params.n_seq_max, params.n_threads, params.n_threads_batch = batch, os.cpu_count(), os.cpu_count()
+            context = self.lib.llama_init_from_model(self.model, params)
+            self.contexts[batch] = (context, self.lib.llama_batch_init(batch * PROMPT_TOKENS, 0, batch))
+        return self.contexts[batch]
+
+    def run(self, ids: list[int], batch: int, new_tokens: int) -> None:
+        import numpy as np
+
+        context, tokens = self.context(batch)  # tokens: the llama_batch fed to each decode
+        self.lib.llama_kv_cache_clear(context)
+        count = 0
+        for seq in range(batch):  # the prompts, logits only for each one's last token
+            for position, token in enumerate(ids):
+                tokens.token[count], tokens.pos[count], tokens.n_seq_id[count] = token, position, 1
+                tokens.seq_id[count][0], tokens.logits[count] = seq, position == len(ids) - 1
+                count += 1
+        tokens.n_tokens = count
+        rows = [(seq + 1) * len(ids) - 1 for seq in range(batch)]
+        for step in range(new_tokens):
+            assert self.lib.llama_decode(context, tokens) == 0
+            for seq, row in enumerate(rows):
+                logits = self.ffi.buffer(self.lib.llama_get_logits_ith(context, row), self.vocab_size * 4)
+                tokens.token[seq] = int(np.frombuffer(logits, dtype=np.float32).argmax())
+                tokens.pos[seq], tokens.n_seq_id[seq], tokens.seq_id[seq][0], tokens.logits[seq] = len(ids) + step, 1, seq, 1
+            tokens.n_tokens = batch
+            rows = list(range(batch))
+
+
 def measure(config: Config, work_dir: str, passes: int, new_tokens: int, batches: list[int]) -> dict[str, float]:
     path = checkpoint_path(config, work_dir)
     cuda = config.options.get("device", "cpu").startswith("cuda")
@@ -232,7 +302,7 @@ def measure(config: Config, work_dir: str, passes: int, new_tokens: int, batches
             pass
 
     start = time.perf_counter()
-    runner = OurEngine(path, config.options) if config.impl == "chat" else Transformers(path, config.options)
+    runner = {"chat": OurEngine, "transformers": Transformers, "llama.cpp": LlamaCpp}[config.impl](path, config.options)
     sync()
     load_s = time.perf_counter() - start
     _, load_rss = rss_mib()

@@ -16,7 +16,9 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from chat_core import Engine, LlamaModelRunner, SamplingParams  # noqa: E402
-from chat_core.layers.attention import AttentionMetadata, BlockwiseDecodeMetadata, TritonDecodeMetadata  # noqa: E402
+from chat_core.layers import native_kernels  # noqa: E402
+from chat_core.layers.attention import AttentionMetadata, BlockwiseDecodeMetadata, NativeDecodeMetadata, TritonDecodeMetadata  # noqa: E402
+from chat_core.worker.compiled_decode import graphs_needed  # noqa: E402
 from chat_core.worker.cuda_graphs import batch_buckets  # noqa: E402
 
 
@@ -82,6 +84,31 @@ def test_blockwise_decode_matches_the_padded_reference(case):
     assert isinstance(metadata, BlockwiseDecodeMetadata)
     # It reads the blocks the sequences use and nothing else: work grows with the tokens cached.
     assert metadata.blocks.numel() == sum(-(-n // block_size) for n in lens)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not native_kernels.available(), reason="the native kernels need an x86-64 CPU with AVX-512 and a C compiler")
+@settings(max_examples=60, deadline=None)
+@given(decode_batches(block_sizes=(1, 4, 16)))
+def test_native_decode_matches_the_padded_reference(case):
+    block_size, num_kv_heads, group, head_dim, lens, window, seed = case
+    q, key_cache, value_cache, tables, pad_slot = make_case(block_size, num_kv_heads, group, head_dim, lens, seed)
+    _, expected = attend("padded", q, key_cache, value_cache, tables, lens, block_size, window, pad_slot)
+    metadata, out = attend("native", q, key_cache, value_cache, tables, lens, block_size, window, pad_slot)
+    assert isinstance(metadata, NativeDecodeMetadata)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # Each sequence's row is computed alone: the same bits when it is attended by itself.
+    for row, n in enumerate(lens):
+        _, alone = attend("native", q[row : row + 1], key_cache, value_cache, tables[row : row + 1], [n], block_size, window, pad_slot)
+        assert torch.equal(alone[0], out[row])
+    # Writing: the new token's key and value go to its slot first, and are attended.
+    last = [tables[row, (n - 1) // block_size] * block_size + (n - 1) % block_size for row, n in enumerate(lens)]
+    new_k, new_v = torch.randn(2, len(lens), num_kv_heads, head_dim, generator=torch.Generator().manual_seed(seed))
+    kv_cache = torch.stack((key_cache, value_cache))
+    written = metadata.__class__(torch.tensor(last), *[getattr(metadata, f) for f in ("seq_lens", "block_tables", "block_size", "sliding_window")])
+    out = written.write_and_attend(q, new_k, new_v, kv_cache, head_dim**-0.5)
+    assert torch.equal(kv_cache[0][torch.tensor(last)], new_k) and torch.equal(kv_cache[1][torch.tensor(last)], new_v)
+    _, expected = attend("padded", q, kv_cache[0], kv_cache[1], tables, lens, block_size, window, pad_slot)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -209,8 +236,8 @@ def test_compiled_cpu_decode_gives_the_eager_tokens_and_logits(tiny_checkpoints,
         assert [o.token_ids for o in outputs] == expected_tokens
         for seq_id, rows in expected_logits.items():
             torch.testing.assert_close(torch.stack(runner.logits[seq_id]), torch.stack(rows), atol=1e-4, rtol=0)
-        # Both attention kinds ran compiled, and every decode step did (none fell back to eager).
-        assert compiled.steps_by_kind["padded"] > 0 and compiled.steps_by_kind["blockwise"] > 0
+        # Every attention kind a decode step takes ran compiled, and every decode step did (none fell back to eager).
+        assert all(compiled.steps_by_kind[kind] > 0 for _, kind in graphs_needed(torch.float32))
         assert not compiled.failed
         # One at a time: batch 1 replays the batch-1 graph.
         single = engine.generate([{"prompt_token_ids": PROMPTS[0]}], params[1])[0]
@@ -237,18 +264,19 @@ def test_a_second_start_loads_the_compiled_decode_graphs_from_disk(tiny_checkpoi
     tokens, first = start(compile_decode=True)
     assert tokens == expected and first.graphs_loaded == 0 and not first.failed
     saved = sorted(os.listdir(first.artifact_dir))
-    assert len(saved) == 3
+    needed = len(graphs_needed(torch.float32))
+    assert len(saved) == needed
     tokens, second = start(compile_decode=True)
-    assert tokens == expected and second.graphs_loaded == 3 and sum(second.steps_by_kind.values()) > 0
+    assert tokens == expected and second.graphs_loaded == needed and sum(second.steps_by_kind.values()) > 0
     # A damaged file is compiled again (and rewritten), with a warning; the answers stay the same.
     with open(os.path.join(first.artifact_dir, saved[0]), "wb") as file:
         file.write(b"not a compiled graph")
     with caplog.at_level("WARNING", logger="chat_core.worker.compiled_decode"):
         tokens, third = start(compile_decode=True)
-    assert tokens == expected and third.graphs_loaded == 2 and not third.failed
+    assert tokens == expected and third.graphs_loaded == needed - 1 and not third.failed
     assert "compiling the decode step again" in caplog.text
     _, fourth = start(compile_decode=True)
-    assert fourth.graphs_loaded == 3
+    assert fourth.graphs_loaded == needed
     # Another cache size is another graph (the cache's shape is static in it): compiled, not loaded.
     tokens, other = start(compile_decode=True, kv_cache_memory_gib=0.01)
     assert tokens == expected and other.graphs_loaded == 0

@@ -39,7 +39,7 @@ class EngineConfig:
     control_plane: str = "broadcast"
     model_runner_cls: Any = None  # a ModelRunnerBase subclass, or "module:Class"; None for the default
     seed: int = 0  # for requests without a seed of their own
-    enforce_eager: bool = False  # no CUDA graphs (nor compiled CPU decode) for decode steps
+    enforce_eager: bool = False  # no CUDA graphs (nor compiled or natively recorded CPU decode) for decode steps
     compile_decode: bool = False  # CPU: torch.compile the decode step (first start compiles; see worker/compiled_decode.py)
     # CPU: every request's tokens and logits are those it gets alone, whatever else is batched with it
     # (slower: see layers/attention.py, BatchInvariantAttentionMetadata)

@@ -17,6 +17,9 @@ the step and the device:
   padded layout with arithmetic that gives each token the same bits whatever else the step holds.
 - `TritonDecodeMetadata` (decode steps on CUDA, `paged_attention_triton`): a kernel that walks each
   sequence's block table in place; its shapes are fixed per batch size, so CUDA graphs can replay it.
+- `NativeDecodeMetadata` (decode steps on CPU with a float32 cache, where the native kernels are built):
+  one call (`native_ops.decode_attention`) writes the new keys and values and walks each sequence's block
+  table in place, with a running softmax: no gather, no padding, no per-layer index tensors.
 
 Under `torch.compile` (the compiled CPU decode step, `worker/compiled_decode.py`) the cache write and the
 attention are one opaque op, `chat_core::cached_attention`: the compiler fuses the small ops around it
@@ -32,6 +35,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from chat_core.layers import native_kernels, native_ops
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,14 @@ class AttentionMetadata(ABC):
     def attend(self, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, scale: float) -> torch.Tensor:
         """q: [tokens, heads, head_dim]; caches: [num_slots, kv_heads, head_dim] -> [tokens, heads * head_dim]."""
 
+    def write_and_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, scale: float) -> torch.Tensor:
+        """Writes the step's keys and values k, v [tokens, kv_heads, head_dim] to their slots of kv_cache
+        [2, num_slots, kv_heads, head_dim], then `attend`s."""
+        key_cache, value_cache = kv_cache[0], kv_cache[1]
+        key_cache.index_copy_(0, self.slot_mapping, k)
+        value_cache.index_copy_(0, self.slot_mapping, v)
+        return self.attend(q, key_cache, value_cache, scale)
+
     @staticmethod
     def build(
         *,
@@ -72,9 +85,11 @@ class AttentionMetadata(ABC):
         pad_slot: int = 0,
         decode_kernel: str | None = None,
         batch_invariant: bool = False,
+        cache_dtype: torch.dtype | None = None,
     ) -> AttentionMetadata:
         """The metadata of one step. A pure decode step (one new token per sequence) uses `decode_kernel`
-        ("blockwise", "triton" or "padded"; None picks by device and lengths); anything else the padded reference.
+        ("native", "blockwise", "triton" or "padded"; None picks by device, the cache's dtype and lengths);
+        anything else the padded reference.
         `batch_invariant`: every step, of any kind, batch-invariant attention.
         `pad_slot`: a cache slot holding finite numbers, read where a padded view needs a key."""
         if batch_invariant:
@@ -84,7 +99,9 @@ class AttentionMetadata(ABC):
             )
         num_tokens, batch = slot_mapping.shape[0], seq_lens.shape[0]
         if max_query_len == 1 and num_tokens == batch:
-            kernel = decode_kernel or _default_decode_kernel(seq_lens, max_seq_len, block_size)
+            kernel = decode_kernel or _default_decode_kernel(seq_lens, max_seq_len, block_size, cache_dtype)
+            if kernel == "native":
+                return NativeDecodeMetadata(slot_mapping, seq_lens, block_tables, block_size, sliding_window)
             if kernel == "triton":
                 return TritonDecodeMetadata(slot_mapping, seq_lens, block_tables, block_size, sliding_window)
             if kernel == "blockwise":
@@ -98,9 +115,16 @@ class AttentionMetadata(ABC):
 MAX_PADDED_KEYS_PER_CACHED_KEY = 5 / 3
 
 
-def _default_decode_kernel(seq_lens: torch.Tensor, max_seq_len: int, block_size: int) -> str:
+def cpu_decode_kernels(cache_dtype: torch.dtype | None) -> tuple[str, ...]:
+    """The kinds a CPU decode step takes by default with a cache of this dtype."""
+    return ("native",) if cache_dtype == torch.float32 and native_kernels.available() else ("padded", "blockwise")
+
+
+def _default_decode_kernel(seq_lens: torch.Tensor, max_seq_len: int, block_size: int, cache_dtype: torch.dtype | None) -> str:
     if seq_lens.device.type == "cuda":
         return "triton" if triton_supports(block_size) else "blockwise"
+    if cpu_decode_kernels(cache_dtype) == ("native",):
+        return "native"
     padded_keys = seq_lens.shape[0] * max_seq_len  # seq_lens is on the host here: no device sync
     return "padded" if padded_keys <= MAX_PADDED_KEYS_PER_CACHED_KEY * int(seq_lens.sum()) else "blockwise"
 
@@ -356,6 +380,42 @@ class TritonDecodeMetadata(AttentionMetadata):
         return out.view(q.shape[0], -1)
 
 
+@dataclass(frozen=True)
+class NativeDecodeMetadata(AttentionMetadata):
+    """One new token per sequence, float32 cache on CPU: the native kernel writes the new keys and values and
+    reads each sequence's keys through its block table in place (`native_ops.decode_attention`)."""
+
+    seq_lens: torch.Tensor  # [batch] int64
+    block_tables: torch.Tensor  # [batch, max blocks] int64
+    block_size: int
+    sliding_window: int | None
+    # (block_size, sliding_window or 0) as a tensor: how a compiled graph passes them (rebuilt metadata holds
+    # only this; its integers are read when the op runs, never while tracing)
+    sizes: torch.Tensor | None = None
+
+    kind: ClassVar[str] = "native"
+
+    def op_tensors(self) -> list[torch.Tensor]:
+        sizes = self.sizes if self.sizes is not None else torch.tensor([self.block_size, self.sliding_window or 0])
+        return [self.seq_lens, self.block_tables, sizes]
+
+    @classmethod
+    def from_op_tensors(cls, slot_mapping, tensors):
+        seq_lens, block_tables, sizes = tensors
+        return cls(slot_mapping, seq_lens, block_tables, 0, None, sizes)
+
+    def attend(self, q, key_cache, value_cache, scale):
+        return self._call(q, None, None, key_cache, value_cache, scale)
+
+    def write_and_attend(self, q, k, v, kv_cache, scale):
+        return self._call(q, k, v, kv_cache[0], kv_cache[1], scale)
+
+    def _call(self, q, k, v, key_cache, value_cache, scale):  # type: ignore[no-untyped-def]
+        block_size, window = self.sizes.tolist() if self.sizes is not None else (self.block_size, self.sliding_window)
+        tables, lens = self.block_tables, self.seq_lens
+        return native_ops.decode_attention(q, k, v, key_cache, value_cache, self.slot_mapping, tables, lens, block_size, window or None, scale)
+
+
 class Attention(nn.Module):
     """Writes this step's keys/values into the cache, then attends each query to its sequence's keys."""
 
@@ -377,25 +437,18 @@ class Attention(nn.Module):
         if torch.compiler.is_compiling():
             tensors = metadata.op_tensors()
             return torch.ops.chat_core.cached_attention(q, k, v, kv_cache, metadata.slot_mapping, metadata.kind, tensors, self.scale)
-        return write_and_attend(q, k, v, kv_cache, metadata, self.scale)
+        return metadata.write_and_attend(q, k, v, kv_cache, self.scale)
 
 
-def write_and_attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float
-) -> torch.Tensor:
-    key_cache, value_cache = kv_cache[0], kv_cache[1]
-    key_cache.index_copy_(0, metadata.slot_mapping, k)
-    value_cache.index_copy_(0, metadata.slot_mapping, v)
-    return metadata.attend(q, key_cache, value_cache, scale)
 
 
 _METADATA_KINDS: dict[str, type[AttentionMetadata]] = {
     kind.kind: kind
-    for kind in (PaddedAttentionMetadata, BatchInvariantAttentionMetadata, BlockwiseDecodeMetadata, TritonDecodeMetadata)
+    for kind in (PaddedAttentionMetadata, BatchInvariantAttentionMetadata, BlockwiseDecodeMetadata, TritonDecodeMetadata, NativeDecodeMetadata)
 }
 
 
-# `chat_core::cached_attention`: `write_and_attend` as one op that a compiled graph calls without looking
+# `chat_core::cached_attention`: `AttentionMetadata.write_and_attend` as one op that a compiled graph calls without looking
 # inside. Registered through `torch.library.Library` (a few microseconds per call) rather than
 # `torch.library.custom_op` (about 20): it is called once per layer per step.
 _LIBRARY = torch.library.Library("chat_core", "FRAGMENT")
@@ -415,7 +468,7 @@ def _cached_attention(
     tensors: list[torch.Tensor],
     scale: float,
 ) -> torch.Tensor:
-    return write_and_attend(q, k, v, kv_cache, AttentionMetadata.of_kind(kind, slot_mapping, tensors), scale)
+    return AttentionMetadata.of_kind(kind, slot_mapping, tensors).write_and_attend(q, k, v, kv_cache, scale)
 
 
 _LIBRARY.impl("cached_attention", _cached_attention, "CompositeExplicitAutograd")

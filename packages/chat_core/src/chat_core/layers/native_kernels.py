@@ -1,4 +1,5 @@
-"""Our own CPU kernels for quantized weights (`native/quant_kernels.c`), built and loaded at run time.
+"""Our own CPU kernels, built and loaded at run time: the quantized products (`native/quant_kernels.c`,
+here) and the decoder layer's small ops (`native/decode_kernels.c`, called through `native_ops`).
 
 torch's weight-only kernels on CPU are fast only in bfloat16 (their float32 versions are reference loops),
 and GGUF's Q8_0 has none at all (its scale per 32 inputs fits no torch op). `quant_kernels.c` multiplies
@@ -7,7 +8,7 @@ the weights' 64 rows of a block in the lanes of four vectors and software prefet
 (SmolLM2's 120 int4 layers at batch 1, caches flushed first): 5.2-5.4 ms against 5.9-6.5 ms for torch's
 bfloat16 kernel; its 8-bit LM head 1.0-1.4 ms a step against 4.9 ms for the float32 table it replaces.
 
-The source is compiled once per machine with the system C compiler (`$CC`, else `cc`; about half a second)
+The sources are compiled once per machine with the system C compiler (`$CC`, else `cc`; about half a second)
 into `$CHAT_CORE_CACHE_DIR` (default `~/.cache/chat-core`), named by a digest of the source and the flags,
 and loaded with ctypes; a one-off check of each product against float64 arithmetic guards the result. Where
 this is not possible (a CPU without AVX-512, no compiler, `CHAT_CORE_NATIVE_KERNELS=0`) `available()` is
@@ -32,10 +33,13 @@ from pathlib import Path
 
 import torch
 
+from chat_core.layers import native_ops
+
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("native") / "quant_kernels.c"
+SOURCES = tuple(Path(__file__).with_name("native") / name for name in ("quant_kernels.c", "decode_kernels.c"))
 FLAGS = ("-O3", "-mavx512f", "-mfma", "-fopenmp", "-shared", "-fPIC")
+LIBRARIES = ("-lm",)
 INT8_GROUP = 32  # inputs per scale of an 8-bit weight with group scales (GGUF Q8_0)
 INT4_BLOCK_ROWS = INT8_BLOCK_ROWS = 64  # output rows per block of both layouts
 
@@ -49,31 +53,35 @@ def cache_dir() -> Path:
 
 def available() -> bool:
     """Whether the native kernels are built, loaded and checked on this machine (decided once)."""
-    return _library() is not None
+    return library() is not None
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
+def library() -> ctypes.CDLL | None:
+    """The loaded and checked library, or None where the native kernels are not available (the reason logged)."""
     if os.environ.get("CHAT_CORE_NATIVE_KERNELS", "1") == "0":
-        logger.info("native quantized kernels turned off (CHAT_CORE_NATIVE_KERNELS=0): using torch's")
+        logger.info("native CPU kernels turned off (CHAT_CORE_NATIVE_KERNELS=0): using torch's")
         return None
     capability = torch.backends.cpu.get_cpu_capability()
     if capability not in ("AVX512", "AVX512_BF16", "AMX"):  # torch names AVX-512 F, BW, VL and DQ so
-        logger.info("native quantized kernels need AVX-512; this CPU offers %s: using torch's", capability)
+        logger.info("native CPU kernels need AVX-512; this CPU offers %s: using torch's", capability)
         return None
     try:
-        library = _load(_build())
-        _check(library)
+        loaded = _load(_build())
+        _check(loaded)
+        native_ops.check(loaded)
     except (OSError, RuntimeError, subprocess.SubprocessError, AssertionError) as exc:
-        logger.warning("native quantized kernels unavailable (%s): using torch's, which are slower here", exc)
+        logger.warning("native CPU kernels unavailable (%s): using torch's, which are slower here", exc)
         return None
-    return library
+    return loaded
 
 
 def _build() -> Path:
-    """The library for this source and these flags: from the cache, else compiled into it."""
-    key = hashlib.sha256(SOURCE.read_bytes() + repr((FLAGS, platform.machine())).encode()).hexdigest()[:16]
-    target = cache_dir() / f"quant_kernels-{key}.so"
+    """The library for these sources and flags: from the cache, else compiled into it."""
+    digest = hashlib.sha256(repr((FLAGS, LIBRARIES, platform.machine())).encode())
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    target = cache_dir() / f"chat_kernels-{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target
     compiler = os.environ.get("CC") or "cc"
@@ -83,21 +91,24 @@ def _build() -> Path:
     # Built under a temporary name and renamed: processes starting together (ranks) never load half a file.
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True, timeout=120)
+        command = [compiler, *FLAGS, *map(str, SOURCES), "-o", str(built), *LIBRARIES]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
-            raise RuntimeError(f"{compiler} exited with {result.returncode} compiling {SOURCE}: {result.stderr.strip()[-500:]}")
+            names = " ".join(source.name for source in SOURCES)
+            raise RuntimeError(f"{compiler} exited with {result.returncode} compiling {names}: {result.stderr.strip()[-500:]}")
         os.replace(built, target)
     return target
 
 
 def _load(path: Path) -> ctypes.CDLL:
-    library = ctypes.CDLL(str(path))
+    loaded = ctypes.CDLL(str(path))
     pointer, size = ctypes.c_void_p, ctypes.c_int64
-    library.chat_int4_matmul.argtypes = [pointer] * 3 + [ctypes.c_int, pointer] + [size] * 4 + [ctypes.c_int]
-    library.chat_int4_matmul.restype = ctypes.c_int
-    library.chat_int8_matmul.argtypes = [pointer] * 3 + [ctypes.c_int, pointer] + [size] * 3 + [ctypes.c_int]
-    library.chat_int8_matmul.restype = ctypes.c_int
-    return library
+    loaded.chat_int4_matmul.argtypes = [pointer] * 3 + [ctypes.c_int, pointer] + [size] * 4 + [ctypes.c_int]
+    loaded.chat_int4_matmul.restype = ctypes.c_int
+    loaded.chat_int8_matmul.argtypes = [pointer] * 3 + [ctypes.c_int, pointer] + [size] * 3 + [ctypes.c_int]
+    loaded.chat_int8_matmul.restype = ctypes.c_int
+    native_ops.declare(loaded)
+    return loaded
 
 
 def _check(library: ctypes.CDLL) -> None:
@@ -204,9 +215,9 @@ def int8_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> t
 
 
 def _loaded() -> ctypes.CDLL:
-    library = _library()
-    assert library is not None, "native kernels are not available; check available() first"
-    return library
+    loaded = library()
+    assert loaded is not None, "native kernels are not available; check available() first"
+    return loaded
 
 
 def _int4_op(x: torch.Tensor, packed: torch.Tensor, scale_low: torch.Tensor, group: int) -> torch.Tensor:

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from chat_core.layers import native_ops
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float, *, dtype: torch.dtype = torch.float32, device=None) -> None:
@@ -31,6 +33,8 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """`norm(x)`, or with a residual: `(norm(x + residual), x + residual)`."""
+        if self.weight.dtype == torch.float32 and native_ops.applies(x):  # one call instead of several ops
+            return native_ops.rms_norm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         residual = x + residual

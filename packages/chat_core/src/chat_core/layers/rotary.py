@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from chat_core.config import RopeScaling
+from chat_core.layers import native_ops
 
 
 def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
@@ -55,5 +56,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
     """Rotate [tokens, heads, head_dim] by the angles of each token's position.
 
     The reference form is x * cos + cat(-x2, x1) * sin (halves x1, x2); roll(x, half) is cat(x2, x1), so
-    the sign goes into the sin table and the rotation is three ops."""
+    the sign goes into the sin table and the rotation is three ops (one native call where `native_ops` applies)."""
+    if native_ops.applies(x) and cos.dtype == torch.float32:
+        return native_ops.rope(x, cos, signed_sin)
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)

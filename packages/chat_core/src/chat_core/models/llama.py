@@ -11,12 +11,12 @@ import re
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from chat_core.checkpoint.errors import CheckpointError
 from chat_core.checkpoint.tensor_source import TensorSource
 from chat_core.config import ModelConfig
+from chat_core.layers.activation import silu_and_mul
 from chat_core.layers.attention import Attention, AttentionMetadata
 from chat_core.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from chat_core.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -96,8 +96,7 @@ class LlamaMLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -7,8 +7,9 @@ attention (`chat_core::cached_attention`, opaque to the compiler: its gathers ch
 are called as they are (README: measured speed and start-up).
 
 Only pure decode steps of a single-rank engine are compiled (prefills and mixed steps stay eager; a gloo
-all-reduce or a pipeline hand-over would split the graph). Every length is symbolic, so three graphs serve
-all decode steps: batch 1, and batch 2 or more with padded or with blockwise attention; `warm_up` makes
+all-reduce or a pipeline hand-over would split the graph). Every length is symbolic, so a few graphs serve
+all decode steps: batch 1 and batch 2 or more, for each attention kind a step can take (`graphs_needed`: the
+native kind with a float32 cache where the native kernels are built, else padded or blockwise); `warm_up` makes
 them at start-up. Each graph is compiled ahead of time (`aot_compile`: traced and compiled once, with no
 guards: the decoder picks the graph itself) and saved, so a later start with the same model, settings,
 torch and sources loads it from disk in about a second instead of tracing the model again. Saved graphs and
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from chat_core.layers import native_kernels
-from chat_core.layers.attention import AttentionMetadata
+from chat_core.layers.attention import AttentionMetadata, cpu_decode_kernels
 
 if TYPE_CHECKING:
     from chat_core.worker.model_runner import LlamaModelInput, LlamaModelRunner
@@ -44,9 +45,10 @@ def default_cache_dir() -> str:
     return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "chat-core", "inductor")
 
 
-# The graphs every decode step can need: (the batch size each is compiled at, its attention kind). The batch-1
-# graph serves batch 1 only (the compiler specialises sizes of 1), the batch-2 ones every larger batch.
-GRAPHS = ((1, "padded"), (2, "padded"), (2, "blockwise"))
+def graphs_needed(cache_dtype: torch.dtype) -> list[tuple[int, str]]:
+    """The graphs every decode step can need: (the batch size each is compiled at, its attention kind). The
+    batch-1 graph serves batch 1 only (the compiler specialises sizes of 1), the batch-2 ones every larger batch."""
+    return [(batch, kind) for kind in cpu_decode_kernels(cache_dtype) for batch in (1, 2) if (batch, kind) != (1, "blockwise")]
 
 
 def _decode(model, input_ids, positions, kv_caches, slot_mapping, kind, tensors):  # type: ignore[no-untyped-def]
@@ -65,7 +67,7 @@ class CompiledDecoder:
         self.failed = False
         self.warm_up_seconds = 0.0
         self.warmed_up = False
-        self.graphs_loaded = 0  # of GRAPHS, read from disk by `warm_up` rather than compiled
+        self.graphs_loaded = 0  # of the graphs needed, read from disk by `warm_up` rather than compiled
         self.steps_by_kind: Counter[str] = Counter()  # compiled steps run, by attention kind
 
     @property
@@ -100,7 +102,8 @@ class CompiledDecoder:
             self._give_up(error)
             return 0.0
         compiling = False
-        for batch, kind in GRAPHS:
+        graphs = graphs_needed(self.runner.dtype)
+        for batch, kind in graphs:
             input_ids, positions, metadata = self._dummy_step(batch, kind)
             path = os.path.join(self.artifact_dir, f"{key}-b{batch}-{kind}.bin")
             graph = _load_graph(path)
@@ -129,7 +132,7 @@ class CompiledDecoder:
         if not self.failed:
             logger.info(
                 "compiled CPU decode ready in %.1f s (%d of %d graphs loaded from %s)",
-                self.warm_up_seconds, self.graphs_loaded, len(GRAPHS), self.artifact_dir,
+                self.warm_up_seconds, self.graphs_loaded, len(graphs), self.artifact_dir,
             )
         return self.warm_up_seconds
 
@@ -150,7 +153,7 @@ class CompiledDecoder:
             metadata = AttentionMetadata.build(
                 query_start_loc=torch.arange(batch + 1, device=device),
                 seq_lens=torch.full((batch,), 3, dtype=torch.int64, device=device),
-                block_tables=torch.full((batch, 1), scratch, dtype=torch.int64, device=device),
+                block_tables=torch.full((batch, 3), scratch, dtype=torch.int64, device=device),  # 3 keys of block size 1
                 slot_mapping=torch.full((batch,), scratch * block_size, dtype=torch.int64, device=device),
                 block_size=block_size,
                 max_query_len=1,

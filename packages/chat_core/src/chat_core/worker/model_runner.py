@@ -22,6 +22,7 @@ from chat_core.quantization import DEFAULT_INT4_GROUP_SIZE, QuantizationPlan
 from chat_core.worker.compiled_decode import CompiledDecoder
 from chat_core.worker.cuda_graphs import CudaGraphDecoder
 from chat_core.worker.input_staging import InputStaging
+from chat_core.worker.native_decode import NativeDecoder
 from chat_core.worker.model_runner_base import ModelInput, ModelRunnerBase
 
 
@@ -74,6 +75,7 @@ class LlamaModelRunner(ModelRunnerBase[LlamaModelInput]):
         self.scratch_block = 0  # set by allocate_kv_cache
         self.decode_graphs: CudaGraphDecoder | None = None
         self.compiled_decode: CompiledDecoder | None = None
+        self.native_decode: NativeDecoder | None = None
 
     def load_model(self, checkpoint: Checkpoint) -> None:
         config = self.engine_config
@@ -114,6 +116,8 @@ class LlamaModelRunner(ModelRunnerBase[LlamaModelInput]):
         if self.compiled_decode_enabled:
             self.compiled_decode = CompiledDecoder(self, caches)
             self.compiled_decode.warm_up()
+        elif self.native_decode_enabled:
+            self.native_decode = NativeDecoder.for_runner(self, caches)  # None where the model cannot be recorded
         return caches
 
     @property
@@ -193,6 +197,18 @@ class LlamaModelRunner(ModelRunnerBase[LlamaModelInput]):
             sampling=SamplingTensors.from_staged(staged, sampled) if sampled else None,
         )
 
+    @property
+    def native_decode_enabled(self) -> bool:
+        """CPU decode steps run as one native call (`native_decode`, where the model allows it) unless
+        `enforce_eager`, `compile_decode` or `batch_invariant`, on a single rank."""
+        config = self.engine_config
+        return (
+            self.device.type == "cpu"
+            and not (config.enforce_eager or config.compile_decode or config.batch_invariant)
+            and self.stage.size == 1
+            and self.tp.size == 1
+        )
+
     def make_model_input_from_broadcasted_tensor_dict(self, tensor_dict: dict[str, Any]) -> LlamaModelInput:
         return LlamaModelInput.from_broadcasted_tensor_dict(tensor_dict)
 
@@ -209,6 +225,7 @@ class LlamaModelRunner(ModelRunnerBase[LlamaModelInput]):
             sliding_window=self.model_config.sliding_window,
             pad_slot=self.scratch_block * self.block_size,
             batch_invariant=self.engine_config.batch_invariant,
+            cache_dtype=self.dtype,
         )
 
     @torch.inference_mode()
@@ -219,9 +236,11 @@ class LlamaModelRunner(ModelRunnerBase[LlamaModelInput]):
         intermediate: IntermediateOutput | None = None,
     ) -> SamplerOutput | IntermediateOutput | None:
         assert self.model is not None, "load_model() first"
-        graphs, compiled = self.decode_graphs, self.compiled_decode
+        graphs, compiled, native = self.decode_graphs, self.compiled_decode, self.native_decode
         if graphs is not None and intermediate is None and graphs.can_run(model_input):
             out = graphs.run(model_input)  # a replayed decode step
+        elif native is not None and intermediate is None and native.can_run(model_input):
+            out = native.run(model_input)  # the recorded decode step, one native call
         else:
             metadata = self.attention_metadata(model_input)
             out = None
