@@ -88,7 +88,7 @@ class NativeDecoder:
         intermediate = model.layers[0].mlp.down_proj.input_size_per_rank
 
         def buffer(width: int) -> torch.Tensor:
-            return torch.zeros(max_rows, width)
+            return torch.empty(max_rows, width)  # pages are committed as rows are first used
 
         hidden = config.hidden_size
         self.hidden, self.residual, self.normed = buffer(hidden), buffer(hidden), buffer(hidden)
