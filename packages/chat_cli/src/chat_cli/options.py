@@ -22,7 +22,7 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
         help="weight-only quantization (auto: a GGUF's Q4 tensors stay 4-bit, other checkpoints dense)",
     )
     group.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128], help="int4 group size (default 32)")
-    group.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs (nor --compile) for decode steps")
+    group.add_argument("--enforce-eager", action="store_true", help="decode steps op by op: no CUDA graphs, no recorded native CPU step (nor --compile)")
     group.add_argument(
         "--compile",
         action="store_true",

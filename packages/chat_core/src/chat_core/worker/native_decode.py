@@ -120,6 +120,10 @@ class NativeDecoder:
             ops.append(_linear(layer.mlp.down_proj, activated, mlp_out))
         ops.append(_norm(model.norm, mlp_out, self.residual, self.final, self.residual))
         self.ops = (_Op * len(ops))(*ops)
+        # The operations hold raw pointers: keep every tensor they point into alive for as long as they are
+        # (weights loaded again later would leave this step reading the old ones, never freed memory).
+        packed = [getattr(m, name) for m in model.modules() for name in ("packed_int4", "packed_int8") if getattr(m, name, None) is not None]
+        self._kept = (packed, list(model.parameters()), list(kv_caches))
         self.steps = 0  # decode steps run
 
     @classmethod
