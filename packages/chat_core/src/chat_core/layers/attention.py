@@ -440,16 +440,14 @@ class Attention(nn.Module):
         return metadata.write_and_attend(q, k, v, kv_cache, self.scale)
 
 
-
-
 _METADATA_KINDS: dict[str, type[AttentionMetadata]] = {
     kind.kind: kind
     for kind in (PaddedAttentionMetadata, BatchInvariantAttentionMetadata, BlockwiseDecodeMetadata, TritonDecodeMetadata, NativeDecodeMetadata)
 }
 
 
-# `chat_core::cached_attention`: `AttentionMetadata.write_and_attend` as one op that a compiled graph calls without looking
-# inside. Registered through `torch.library.Library` (a few microseconds per call) rather than
+# `chat_core::cached_attention`: `AttentionMetadata.write_and_attend` as one op that a compiled graph calls
+# without looking inside. Registered through `torch.library.Library` (a few microseconds per call) rather than
 # `torch.library.custom_op` (about 20): it is called once per layer per step.
 _LIBRARY = torch.library.Library("chat_core", "FRAGMENT")
 _LIBRARY.define(

@@ -9,8 +9,8 @@ the weights' 64 rows of a block in the lanes of four vectors and software prefet
 bfloat16 kernel; its 8-bit LM head 1.0-1.4 ms a step against 4.9 ms for the float32 table it replaces.
 
 The sources are compiled once per machine with the system C compiler (`$CC`, else `cc`; about half a second)
-into `$CHAT_CORE_CACHE_DIR` (default `~/.cache/chat-core`), named by a digest of the source and the flags,
-and loaded with ctypes; a one-off check of each product against float64 arithmetic guards the result. Where
+into `$CHAT_CORE_CACHE_DIR` (default `~/.cache/chat-core`), named by a digest of the sources and the flags,
+and loaded with ctypes; a one-off check of each kernel against float64 arithmetic guards the result. Where
 this is not possible (a CPU without AVX-512, no compiler, `CHAT_CORE_NATIVE_KERNELS=0`) `available()` is
 False, the reason is logged once, and `weight_kernels` uses torch's kernels instead.
 

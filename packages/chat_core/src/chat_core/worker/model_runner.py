@@ -22,8 +22,8 @@ from chat_core.quantization import DEFAULT_INT4_GROUP_SIZE, QuantizationPlan
 from chat_core.worker.compiled_decode import CompiledDecoder
 from chat_core.worker.cuda_graphs import CudaGraphDecoder
 from chat_core.worker.input_staging import InputStaging
-from chat_core.worker.native_decode import NativeDecoder
 from chat_core.worker.model_runner_base import ModelInput, ModelRunnerBase
+from chat_core.worker.native_decode import NativeDecoder
 
 
 @dataclass(frozen=True)
