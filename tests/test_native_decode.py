@@ -6,29 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chat_core import Engine, LlamaModelRunner, SamplingParams
+from chat_core import Engine, SamplingParams
 from chat_core.layers import native_kernels
+from decode_cases import PROMPTS, Recorder
 from tiny_models import make_tiny_checkpoint
 
 pytestmark = pytest.mark.skipif(
     not native_kernels.available(), reason="the native kernels need an x86-64 CPU with AVX-512 and a C compiler"
 )
 
-PROMPTS = [[5, 17, 33, 9, 100, 200, 250, 31, 64], [3, 4], list(range(40, 90)), [7] * 21, [11, 12, 13]]
 MAX_TOKENS = (3, 17, 9, 24, 12)  # sequences join and leave the batch
-
-
-class Recorder(LlamaModelRunner):
-    """Keeps every sampled row's logits, keyed by sequence."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.logits: dict[int, list[torch.Tensor]] = {}
-
-    def process_logits(self, logits, model_input):
-        for row, seq_id in enumerate(model_input.sampled_seq_ids):
-            self.logits.setdefault(seq_id, []).append(logits[row].clone())
-        return logits
 
 
 def run(directory: str, **options):

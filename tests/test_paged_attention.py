@@ -15,11 +15,12 @@ import torch  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from chat_core import Engine, LlamaModelRunner, SamplingParams  # noqa: E402
+from chat_core import Engine, SamplingParams  # noqa: E402
 from chat_core.layers import native_kernels  # noqa: E402
 from chat_core.layers.attention import AttentionMetadata, BlockwiseDecodeMetadata, NativeDecodeMetadata, TritonDecodeMetadata  # noqa: E402
 from chat_core.worker.compiled_decode import graphs_needed  # noqa: E402
 from chat_core.worker.cuda_graphs import batch_buckets  # noqa: E402
+from decode_cases import PROMPTS, Recorder  # noqa: E402
 
 
 @st.composite
@@ -129,19 +130,6 @@ def test_batch_buckets():
     assert batch_buckets(64) == [1, 2, 4, 8, 16, 32, 64]
 
 
-class Recorder(LlamaModelRunner):
-    """Keeps every sampled row's logits, keyed by sequence."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.logits: dict[int, list[torch.Tensor]] = {}
-
-    def process_logits(self, logits, model_input):
-        for row, seq_id in enumerate(model_input.sampled_seq_ids):
-            self.logits.setdefault(seq_id, []).append(logits[row].clone())
-        return logits
-
-
 class BucketedRecorder(Recorder):
     """Decode steps through the CUDA-graph path's static buffers, padding and buckets, run eagerly on the
     CPU (no capture), with the Triton kernel under its interpreter."""
@@ -149,9 +137,6 @@ class BucketedRecorder(Recorder):
     @property
     def cuda_graphs_enabled(self) -> bool:
         return True
-
-
-PROMPTS = [[5, 17, 33, 9, 100, 200, 250, 31, 64], [3, 4], list(range(40, 90)), [7] * 21, [11, 12, 13]]
 
 
 def run(directory: str, runner_cls, **options):
