@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from gguf_writer import write_gguf
 
 from chat_core import Engine, SamplingParams, open_checkpoint
@@ -58,3 +61,48 @@ def test_gguf_slices_read_only_what_is_asked(tmp_path, tiny_llama):
     torch.testing.assert_close(q.read(0, 16, 32), full[16:48], atol=0, rtol=0)
     torch.testing.assert_close(q.read(1, 32, 32), full[:, 32:64], atol=0, rtol=0)
     torch.testing.assert_close(q.read(1, 8, 8), full[:, 8:16], atol=0, rtol=0)  # not block-aligned
+
+
+scalars = st.one_of(
+    st.integers(-(2**31), 2**31 - 1),
+    st.floats(allow_nan=False, width=32),
+    st.booleans(),
+    st.text(max_size=12),
+)
+metadata_values = st.one_of(
+    scalars,
+    st.lists(st.integers(0, 2**31 - 1), min_size=1, max_size=20),  # (gguf's writer refuses empty arrays)
+    st.lists(st.floats(allow_nan=False, width=32), min_size=1, max_size=20),
+    st.lists(st.text(max_size=12), min_size=1, max_size=20),  # a vocabulary's shape: short strings, any unicode
+    st.lists(st.lists(st.integers(0, 100), min_size=1, max_size=3), min_size=1, max_size=3),  # arrays of arrays
+)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.from_regex(r"test\.[a-z]{1,8}", fullmatch=True), metadata_values, max_size=6))
+def test_gguf_metadata_reads_as_the_gguf_package_reads_it(tmp_path, values):
+    """Our reader parses arrays in bulk; every field's contents must equal the stock reader's."""
+    import gguf
+
+    from chat_core.checkpoint.gguf_file import GGUFFile
+
+    path = str(tmp_path / "metadata.gguf")
+    writer = gguf.GGUFWriter(path, "llama")
+    for key, value in values.items():
+        writer.add_key_value(key, value, _value_type(value))
+    writer.add_tensor("weight", np.zeros((2, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    stock = {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items() if not k.startswith("GGUF.")}
+    ours = GGUFFile(path)
+    assert ours.metadata == stock
+    assert list(ours.tensors) == ["weight"]
+
+
+def _value_type(value):
+    import gguf
+
+    kinds = {bool: gguf.GGUFValueType.BOOL, int: gguf.GGUFValueType.INT32, float: gguf.GGUFValueType.FLOAT32, str: gguf.GGUFValueType.STRING}
+    return gguf.GGUFValueType.ARRAY if isinstance(value, list) else kinds[type(value)]
