@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -53,6 +54,22 @@ def test_the_kernels_are_built_once_then_loaded_without_a_compiler(tmp_path, smo
     loaded, _ = probe(smollm2_path, CHAT_CORE_CACHE_DIR=cache, CC="false")
     assert loaded["available"] and loaded["tokens"] == built["tokens"] and "Paris" in loaded["text"]
     assert os.listdir(os.path.join(cache, "native")) == libraries
+
+
+def test_a_build_removes_libraries_unused_for_a_month(tmp_path, smollm2_path):
+    native = tmp_path / "cache" / "native"
+    native.mkdir(parents=True)
+    stale, recent = native / "chat_kernels-0000000000000000.so", native / "quant_kernels-1111111111111111.so"
+    other = native / "notes.txt"  # not a library of ours: never touched
+    for path in (stale, recent, other):
+        path.write_bytes(b"an older version's library")
+    month_ago = time.time() - 31 * 86400
+    for path in (stale, other):
+        os.utime(path, (month_ago, month_ago))
+    built, _ = probe(smollm2_path, CHAT_CORE_CACHE_DIR=str(tmp_path / "cache"))
+    assert built["available"]
+    left = sorted(path.name for path in native.iterdir())
+    assert stale.name not in left and recent.name in left and other.name in left and len(left) == 3, left
 
 
 def test_without_the_kernels_torch_kernels_give_the_same_answer(tmp_path, smollm2_path):

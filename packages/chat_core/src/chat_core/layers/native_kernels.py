@@ -12,7 +12,8 @@ The sources are compiled once per machine with the system C compiler (`$CC`, els
 into `$CHAT_CORE_CACHE_DIR` (default `~/.cache/chat-core`), named by a digest of the sources and the flags,
 and loaded with ctypes; a one-off check of each kernel against float64 arithmetic guards the result. Where
 this is not possible (a CPU without AVX-512, no compiler, `CHAT_CORE_NATIVE_KERNELS=0`) `available()` is
-False, the reason is logged once, and `weight_kernels` uses torch's kernels instead.
+False, the reason is logged once, and `weight_kernels` uses torch's kernels instead. Building a library
+removes those of other sources (older versions) that no start has used for 30 days.
 
 Inside a compiled graph the products are torch ops (`chat_core::int4_mm`, `chat_core::int8_mm`) that the
 compiler calls as they are.
@@ -29,6 +30,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -83,6 +85,10 @@ def _build() -> Path:
         digest.update(source.read_bytes())
     target = cache_dir() / f"chat_kernels-{digest.hexdigest()[:16]}.so"
     if target.exists():
+        try:
+            os.utime(target)  # its modification time is its last use: what `_prune` goes by
+        except OSError:  # a read-only cache still serves
+            pass
         return target
     compiler = os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
@@ -97,7 +103,23 @@ def _build() -> Path:
             names = " ".join(source.name for source in SOURCES)
             raise RuntimeError(f"{compiler} exited with {result.returncode} compiling {names}: {result.stderr.strip()[-500:]}")
         os.replace(built, target)
+    _prune(target)
     return target
+
+
+UNUSED_LIBRARY_DAYS = 30  # a library no start has loaded for this long is removed when another is built
+
+
+def _prune(keep: Path) -> None:
+    """Remove the libraries of other sources (older versions of this package) that no start has used for
+    `UNUSED_LIBRARY_DAYS`; a version still in use touches its library at every start, so it stays."""
+    cutoff = time.time() - UNUSED_LIBRARY_DAYS * 86400
+    for library_path in keep.parent.glob("*_kernels-*.so"):  # ours, and the quant_kernels-* of earlier versions
+        try:
+            if library_path != keep and library_path.stat().st_mtime < cutoff:
+                library_path.unlink()
+        except OSError:  # removed meanwhile by another process, or not ours to remove: leave it
+            continue
 
 
 def _load(path: Path) -> ctypes.CDLL:
