@@ -6,6 +6,7 @@ module is imported): the same kernel code a GPU compiles, checked without one.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -75,40 +76,42 @@ def attend(kernel, q, key_cache, value_cache, tables, lens, block_size, window, 
     return metadata, metadata.attend(q, key_cache, value_cache, q.shape[-1] ** -0.5)
 
 
-@settings(max_examples=40, deadline=None)
-@given(decode_batches(block_sizes=(4, 8, 16)))
-def test_blockwise_decode_matches_the_padded_reference(case):
+def check_against_padded(kernel, kind, case):
+    """`kernel`'s output on the case against the padded reference's; its metadata, output and the case's tensors."""
     block_size, num_kv_heads, group, head_dim, lens, window, seed = case
     q, key_cache, value_cache, tables, pad_slot = make_case(block_size, num_kv_heads, group, head_dim, lens, seed)
     _, expected = attend("padded", q, key_cache, value_cache, tables, lens, block_size, window, pad_slot)
-    metadata, out = attend("blockwise", q, key_cache, value_cache, tables, lens, block_size, window, pad_slot)
-    assert isinstance(metadata, BlockwiseDecodeMetadata)
-    # It reads the blocks the sequences use and nothing else: work grows with the tokens cached.
-    assert metadata.blocks.numel() == sum(-(-n // block_size) for n in lens)
+    metadata, out = attend(kernel, q, key_cache, value_cache, tables, lens, block_size, window, pad_slot)
+    assert isinstance(metadata, kind)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    return metadata, out, (q, key_cache, value_cache, tables, pad_slot)
+
+
+@settings(max_examples=40, deadline=None)
+@given(decode_batches(block_sizes=(4, 8, 16)))
+def test_blockwise_decode_matches_the_padded_reference(case):
+    metadata, _, _ = check_against_padded("blockwise", BlockwiseDecodeMetadata, case)
+    # It reads the blocks the sequences use and nothing else: work grows with the tokens cached.
+    block_size, lens = case[0], case[4]
+    assert metadata.blocks.numel() == sum(-(-n // block_size) for n in lens)
 
 
 @pytest.mark.skipif(not native_kernels.available(), reason="the native kernels need an x86-64 CPU with AVX-512 and a C compiler")
 @settings(max_examples=60, deadline=None)
 @given(decode_batches(block_sizes=(1, 4, 16)))
 def test_native_decode_matches_the_padded_reference(case):
-    block_size, num_kv_heads, group, head_dim, lens, window, seed = case
-    q, key_cache, value_cache, tables, pad_slot = make_case(block_size, num_kv_heads, group, head_dim, lens, seed)
-    _, expected = attend("padded", q, key_cache, value_cache, tables, lens, block_size, window, pad_slot)
-    metadata, out = attend("native", q, key_cache, value_cache, tables, lens, block_size, window, pad_slot)
-    assert isinstance(metadata, NativeDecodeMetadata)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    block_size, num_kv_heads, _, head_dim, lens, window, seed = case
+    metadata, out, (q, key_cache, value_cache, tables, pad_slot) = check_against_padded("native", NativeDecodeMetadata, case)
     # Each sequence's row is computed alone: the same bits when it is attended by itself.
     for row, n in enumerate(lens):
         _, alone = attend("native", q[row : row + 1], key_cache, value_cache, tables[row : row + 1], [n], block_size, window, pad_slot)
         assert torch.equal(alone[0], out[row])
     # Writing: the new token's key and value go to its slot first, and are attended.
-    last = [tables[row, (n - 1) // block_size] * block_size + (n - 1) % block_size for row, n in enumerate(lens)]
+    last = torch.tensor([tables[row, (n - 1) // block_size] * block_size + (n - 1) % block_size for row, n in enumerate(lens)])
     new_k, new_v = torch.randn(2, len(lens), num_kv_heads, head_dim, generator=torch.Generator().manual_seed(seed))
     kv_cache = torch.stack((key_cache, value_cache))
-    written = metadata.__class__(torch.tensor(last), *[getattr(metadata, f) for f in ("seq_lens", "block_tables", "block_size", "sliding_window")])
-    out = written.write_and_attend(q, new_k, new_v, kv_cache, head_dim**-0.5)
-    assert torch.equal(kv_cache[0][torch.tensor(last)], new_k) and torch.equal(kv_cache[1][torch.tensor(last)], new_v)
+    out = dataclasses.replace(metadata, slot_mapping=last).write_and_attend(q, new_k, new_v, kv_cache, head_dim**-0.5)
+    assert torch.equal(kv_cache[0][last], new_k) and torch.equal(kv_cache[1][last], new_v)
     _, expected = attend("padded", q, kv_cache[0], kv_cache[1], tables, lens, block_size, window, pad_slot)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
@@ -116,12 +119,7 @@ def test_native_decode_matches_the_padded_reference(case):
 @settings(max_examples=25, deadline=None)
 @given(decode_batches())
 def test_triton_decode_matches_the_padded_reference(case):
-    block_size, num_kv_heads, group, head_dim, lens, window, seed = case
-    q, key_cache, value_cache, tables, pad_slot = make_case(block_size, num_kv_heads, group, head_dim, lens, seed)
-    _, expected = attend("padded", q, key_cache, value_cache, tables, lens, block_size, window, pad_slot)
-    metadata, out = attend("triton", q, key_cache, value_cache, tables, lens, block_size, window, pad_slot)
-    assert isinstance(metadata, TritonDecodeMetadata)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    check_against_padded("triton", TritonDecodeMetadata, case)
 
 
 def test_batch_buckets():

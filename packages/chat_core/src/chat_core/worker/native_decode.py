@@ -81,6 +81,7 @@ class NativeDecoder:
         _check_model(model, kv_caches)
         self.model = model
         self.max_rows = max_rows
+        self.library = native_kernels.library()  # available: `_check_model` asked
         config = model.config
         attention: LlamaAttention = model.layers[0].self_attn
         heads, kv_heads, head_dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
@@ -150,9 +151,7 @@ class NativeDecoder:
             if index.dtype != torch.int64 or not index.is_contiguous():
                 raise ValueError(f"a native decode step needs {name} as contiguous int64, got {index.dtype}")
         step = _Step(rows, cos.data_ptr(), signed_sin.data_ptr(), slots.data_ptr(), tables.data_ptr(), tables.shape[1], lens.data_ptr())
-        library = native_kernels.library()
-        assert library is not None
-        status = library.chat_run_decoder(self.ops, len(self.ops), ctypes.byref(step), torch.get_num_threads())
+        status = self.library.chat_run_decoder(self.ops, len(self.ops), ctypes.byref(step), torch.get_num_threads())
         if status:
             raise RuntimeError(f"native decode step: operation {-status} of {len(self.ops)} failed")
         self.steps += 1
