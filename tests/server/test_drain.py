@@ -159,15 +159,20 @@ def test_under_torchrun_sigterm_drains_too(tiny_chat_model, tmp_path):
 @pytest.mark.parametrize("timeout, signals", [("0.5", 1), ("300", 2)], ids=["grace-period-over", "second-signal"])
 def test_what_is_still_running_when_the_drain_ends_is_cut_short(tiny_chat_model, tmp_path, timeout, signals):
     max_tokens = 480
-    server = start_server("--model", tiny_chat_model, "--shutdown-timeout", timeout, log_dir=str(tmp_path))
+    gate = tmp_path / "hold"
+    options, env = gated(gate)
+    server = start_server("--model", tiny_chat_model, "--shutdown-timeout", timeout, *options, log_dir=str(tmp_path), env=env)
     try:
         with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=stream_body(max_tokens), timeout=300) as stream:
             lines = stream.iter_lines()
             next(line for line in lines if line.startswith("data: "))
+            gate.touch()  # the answer stays in flight until the drain has ended, however fast the machine decodes
             server.process.send_signal(signal.SIGTERM)
             if signals == 2:
                 wait_for(lambda: httpx.get(f"{server.url}/health", timeout=30).status_code == 503, "the drain to begin")
                 server.process.send_signal(signal.SIGINT)
+            wait_for(lambda: "cut short" in server.log(), "the drain to end")
+            gate.unlink()
             events = events_of(lines)
         assert server.process.wait(timeout=120) == 0
     finally:
