@@ -50,6 +50,45 @@ def test_recorded_decode_steps_give_the_eager_bits(tiny_checkpoints, family, qua
     assert_same_bits(logits, expected_logits)
 
 
+def mean_error_while_tokens_agree(runs, reference):
+    """Mean over sampled rows of each run's largest logit error against `reference` (tokens, logits), over
+    the steps where every run and the reference have sampled the same tokens so far (the same inputs)."""
+    (ref_tokens, ref_logits), errors = reference, [[] for _ in runs]
+    for index, seq_id in enumerate(sorted(ref_logits)):
+        for step, ref_row in enumerate(ref_logits[seq_id]):
+            if any(tokens[index][:step] != ref_tokens[index][:step] for tokens, _ in runs):
+                break
+            for error, (_, logits) in zip(errors, runs):
+                error.append(float((logits[seq_id][step].float() - ref_row).abs().max()))
+    assert all(len(error) >= 20 for error in errors), "too few comparable rows"
+    return [sum(error) / len(error) for error in errors]
+
+
+@pytest.mark.parametrize(
+    "family, options",
+    [
+        ("llama3", {"quantization": None}),
+        ("qwen2", {"quantization": None}),  # biases, widened once
+        ("llama_tied", {"quantization": None}),  # the embedding read from the bfloat16 LM head's blocks
+        ("llama3", {"quantization": "int4", "quantization_group_size": 32}),  # bfloat16 activations, int4 weights
+    ],
+)
+def test_bfloat16_models_are_recorded_in_float32_and_land_closer_to_the_float32_model(tiny_checkpoints, family, options):
+    """A bfloat16 model's recorded step keeps its residual stream and attention in float32 between bfloat16
+    weights and KV cache: its logits are closer to the float32 model's than the eager bfloat16 step's are."""
+    directory, _ = tiny_checkpoints(family)
+    float32_tokens, float32_logits, _ = run(directory, **options)
+    eager_tokens, eager_logits, none = run(directory, dtype="bfloat16", enforce_eager=True, **options)
+    tokens, logits, native = run(directory, dtype="bfloat16", **options)
+    assert none is None and native is not None and native.steps > 0 and native.dtype == torch.bfloat16
+    assert all(len(t) == n for t, n in zip(tokens, MAX_TOKENS))
+    recorded_error, eager_error = mean_error_while_tokens_agree(
+        [(tokens, logits), (eager_tokens, eager_logits)], (float32_tokens, float32_logits)
+    )
+    scale = max(float(row.abs().max()) for rows in float32_logits.values() for row in rows)
+    assert recorded_error < eager_error and recorded_error < 0.05 * scale, (recorded_error, eager_error, scale)
+
+
 def test_recorded_decode_with_a_sliding_window_under_preemption_and_chunked_prefill(tmp_path):
     directory = str(tmp_path / "windowed")
     make_tiny_checkpoint(directory, "mistral", sliding_window=8, num_attention_heads=4)  # q, k, v: 128 outputs
@@ -67,7 +106,7 @@ def test_models_without_native_products_decode_eagerly(tiny_checkpoints, caplog)
     with caplog.at_level("INFO", logger="chat_core.worker.native_decode"):
         _, _, native = run(directory)  # dense float32 weights: no native product
     assert native is None and "decode steps run eagerly" in caplog.text and "dense" in caplog.text
-    for options in ({"compile_decode": True, "enforce_eager": True}, {"batch_invariant": True}, {"dtype": "bfloat16"}):
+    for options in ({"compile_decode": True, "enforce_eager": True}, {"batch_invariant": True}):
         _, _, native = run(directory, **{"quantization": "int4", "quantization_group_size": 32, **options})
         assert native is None, options
     # Outputs that are not whole blocks of 64 rows (tiny Mistral's q, k, v: 8 heads of 8, 96 outputs).

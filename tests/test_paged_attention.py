@@ -17,7 +17,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from chat_core import Engine, SamplingParams  # noqa: E402
-from chat_core.layers import native_kernels  # noqa: E402
+from chat_core.layers import native_kernels, native_ops  # noqa: E402
 from chat_core.layers.attention import AttentionMetadata, BlockwiseDecodeMetadata, NativeDecodeMetadata, TritonDecodeMetadata  # noqa: E402
 from chat_core.worker.compiled_decode import graphs_needed  # noqa: E402
 from chat_core.worker.cuda_graphs import batch_buckets  # noqa: E402
@@ -113,6 +113,25 @@ def test_native_decode_matches_the_padded_reference(case):
     out = dataclasses.replace(metadata, slot_mapping=last).write_and_attend(q, new_k, new_v, kv_cache, head_dim**-0.5)
     assert torch.equal(kv_cache[0][last], new_k) and torch.equal(kv_cache[1][last], new_v)
     _, expected = attend("padded", q, kv_cache[0], kv_cache[1], tables, lens, block_size, window, pad_slot)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not native_kernels.available(), reason="the native kernels need an x86-64 CPU with AVX-512 and a C compiler")
+@settings(max_examples=40, deadline=None)
+@given(decode_batches(block_sizes=(1, 4, 16)))
+def test_native_decode_reads_and_writes_a_bfloat16_cache(case):
+    """A bfloat16 model's recorded step: new keys and values rounded to bfloat16 as torch rounds them, the cache
+    widened exactly as read (the padded reference on the widened cache)."""
+    block_size, num_kv_heads, _, head_dim, lens, window, seed = case
+    q, key_cache, value_cache, tables, pad_slot = make_case(*case[:5], seed)
+    key_cache, value_cache = key_cache.bfloat16(), value_cache.bfloat16()  # unwritten slots stay NaN
+    last = torch.tensor([tables[row, (n - 1) // block_size] * block_size + (n - 1) % block_size for row, n in enumerate(lens)])
+    new_k, new_v = torch.randn(2, len(lens), num_kv_heads, head_dim, generator=torch.Generator().manual_seed(seed)) * 3
+    out = native_ops.decode_attention(
+        q, new_k, new_v, key_cache, value_cache, last, tables, torch.tensor(lens), block_size, window, head_dim**-0.5
+    )
+    assert torch.equal(key_cache[last], new_k.bfloat16()) and torch.equal(value_cache[last], new_v.bfloat16())
+    _, expected = attend("padded", q, key_cache.float(), value_cache.float(), tables, lens, block_size, window, pad_slot)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -3,6 +3,7 @@ Q4 tensors repacked exactly, whole models against their dense selves, and one co
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import subprocess
@@ -19,7 +20,7 @@ from chat_core.checkpoint.tensor_source import InMemoryTensor
 from chat_core.layers.attention import AttentionMetadata
 from chat_core.layers.linear import ColumnParallelLinear, RowParallelLinear
 from chat_core.layers import native_kernels
-from chat_core.layers.linear_methods import Int4Method, Int8Method
+from chat_core.layers.linear_methods import Int4Method, Int8Method, NativeBf16Method
 from chat_core.layers.weight_formats import INT4_GROUP_SIZES, Int8Groups, quantize_int4, quantize_int8
 from chat_core.layers.weight_kernels import Int4Kernel, Int8Kernel
 from chat_core.models.llama import LlamaForCausalLM
@@ -127,7 +128,10 @@ def test_the_int8_kernel_multiplies_by_the_stored_weights_and_reads_rows_back(ro
     x = torch.randn(batch, dense.shape[1], generator=generator)
     reference = x @ dense.T
     if kernel.native or compute == "float32":
-        torch.testing.assert_close(kernel.matmul(x, packed), reference, atol=1e-4, rtol=1e-5)
+        # float32 sums of K terms (each weight q x scale rounded once): within (K + 2) units of 2^-24 of the
+        # sum of their magnitudes (cancellation makes a relative bound on the result itself fail)
+        bound = (dense.shape[1] + 2) * 2**-24 * (x.double().abs() @ dense.double().abs().T)
+        assert bool(((kernel.matmul(x, packed).double() - x.double() @ dense.double().T).abs() <= bound).all())
     else:  # bfloat16 products: within bfloat16's rounding of the same result
         assert float((kernel.matmul(x, packed) - reference).abs().max()) <= 2**-6 * float(reference.abs().max()) + 1e-3
     row_ids = torch.randint(0, rows, (7,), generator=generator)
@@ -147,11 +151,56 @@ def test_the_native_kernels_give_a_row_the_same_bits_whatever_it_is_batched_with
         (int8, int8.pack(quantize_int8(random_weight(rows, 96, seed + 1)))),
         (int8, int8.pack(Int8Groups(torch.randint(-128, 128, (rows, 96), dtype=torch.int8, generator=generator), torch.rand(rows, 3)))),
     ]
-    for kernel, weight in packed:
-        together = kernel.matmul(x, weight)
+    products = [functools.partial(kernel.matmul, packed=weight) for kernel, weight in packed]
+    blocks = -(-rows // 64) * 64
+    bf16 = native_kernels.pack_bf16(torch.nn.functional.pad(random_weight(rows, 96, seed + 2).bfloat16(), (0, 0, 0, blocks - rows)))
+    products.append(functools.partial(native_kernels.bf16_matmul, packed=bf16))
+    for product in products:
+        together = product(x)
         for i in range(batch):
-            assert torch.equal(together[i : i + 1], kernel.matmul(x[i : i + 1], weight))
-        assert torch.equal(together[1:], kernel.matmul(x[1:], weight))
+            assert torch.equal(together[i : i + 1], product(x[i : i + 1]))
+        assert torch.equal(together[1:], product(x[1:]))
+
+
+NATIVE = pytest.mark.skipif(not native_kernels.available(), reason="the native kernels need an x86-64 CPU with AVX-512 and a C compiler")
+
+
+@NATIVE
+@settings(max_examples=30, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 150), min_size=1, max_size=3),
+    cols=st.integers(1, 300),
+    batch=st.integers(1, 9),
+    activations=st.sampled_from(list(DTYPES)),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_the_bfloat16_kernel_multiplies_exact_products_in_float32(sizes, cols, batch, activations, bias, seed):
+    """A dense bfloat16 layer on the native kernel (fused outputs of any count, padded to blocks of 64; any
+    width): float32 sums of the exact products of x and the bfloat16 weights, rounded to the activations'
+    dtype; rows read back are the weights themselves; the plain weight is not kept beside the blocks."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(size, cols, generator=generator).bfloat16() for size in sizes]
+    layer = ColumnParallelLinear(cols, sizes, bias=bias, dtype=torch.bfloat16, method=NativeBf16Method(torch.bfloat16, CPU))
+    for shard, weight in enumerate(weights):
+        layer.load_shard("weight", InMemoryTensor(weight), shard)
+        if bias:
+            layer.load_shard("bias", InMemoryTensor(torch.randn(sizes[shard], generator=generator).bfloat16()), shard)
+    dense = torch.cat(weights)
+    x = torch.randn(batch, cols, generator=generator).to(DTYPES[activations])
+    reference = x.double() @ dense.double().T
+    if bias:
+        reference += layer.bias.double()
+    y = layer(x)
+    assert y.dtype == x.dtype and y.shape == (batch, dense.shape[0])
+    # float32 sums of K exact products (within K units of 2^-24 of the sum of their magnitudes), then (the
+    # bias, and) the activations' rounding
+    magnitude = x.double().abs() @ dense.double().abs().T + (layer.bias.double().abs() if bias else 0)
+    rounding = (2.01 if bias else 1.0) * 2**-8 if activations == "bfloat16" else 0.0  # one rounding, or two with a bias
+    assert bool(((y.double() - reference).abs() <= ((cols + 1) * 2**-24 + rounding) * magnitude).all())
+    row_ids = torch.randint(0, dense.shape[0], (7,), generator=generator)
+    assert torch.equal(layer.method.read_rows(layer, row_ids), dense[row_ids])
+    assert layer.weight is None and layer.bf16_weight.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("method_name", ["int8", "int4"])

@@ -1,7 +1,8 @@
 """Which `LinearMethod` each layer gets, decided once from the engine's settings and the checkpoint.
 
 `quantization` (an `EngineConfig` field, `--quantize` on the command line):
-- `None`: dense weights in the engine's dtype (a GGUF's quantized tensors are dequantized at load).
+- `None`: dense weights in the engine's dtype (a GGUF's quantized tensors are dequantized at load); on CPUs
+  where the native kernels run, bfloat16 ones are multiplied by ours (`NativeBf16Method`), not oneDNN's.
 - `"int8"`: int8 with a scale per output channel, quantized as each tensor is read.
 - `"int4"`: 4-bit groups of `quantization_group_size` along the input, quantized as each tensor is read;
   the LM head in int8 (on SmolLM2 an int4 head raised perplexity from 16.5 to 17.7 and dropped teacher-forced
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from chat_core.layers.linear_methods import DenseMethod, Int4Method, Int8GroupsMethod, Int8Method, LinearMethod
+from chat_core.layers.linear_methods import DenseMethod, Int4Method, Int8GroupsMethod, Int8Method, LinearMethod, NativeBf16Method
 from chat_core.layers.weight_formats import INT4_GROUP_SIZES
 from chat_core.layers.weight_kernels import native_available
 
@@ -87,6 +88,8 @@ class QuantizationPlan:
         # oneDNN's packed weights measured faster than F.linear in bfloat16 at every batch size. In float32 they
         # are slower for a few rows, but row-invariant, where F.linear (MKL) sums a row in an order that depends
         # on the number of rows; the int4, int8 and bfloat16 kernels are row-invariant as they are.
+        if self._native_bf16:
+            return NativeBf16Method(self.dtype, self.device)
         pack = self.dtype == torch.bfloat16 or (self.batch_invariant and self.dtype == torch.float32)
         return DenseMethod(self.dtype, self.device, pack=self._on_cpu and pack)
 
@@ -99,6 +102,8 @@ class QuantizationPlan:
             return quantized
         # Packing pays most here (a wide weight, few rows), but a tied table must stay readable by rows; a
         # batch-invariant float32 one then multiplies two rows at a time (the same bits for any batch).
+        if self._native_bf16:  # readable by rows as it is
+            return NativeBf16Method(self.dtype, self.device)
         row_pairs = self.batch_invariant and tied and self.dtype == torch.float32
         return DenseMethod(self.dtype, self.device, pack=self._on_cpu and not tied, row_pairs=row_pairs)
 
@@ -112,6 +117,11 @@ class QuantizationPlan:
         if self.compute_dtype is not None:
             return self.compute_dtype
         return torch.float32 if native_available(self.device, torch.float32) else torch.bfloat16
+
+    @property
+    def _native_bf16(self) -> bool:
+        """Dense bfloat16 weights go to the native CPU kernel where it runs (faster than oneDNN's here)."""
+        return self.dtype == torch.bfloat16 and native_available(self.device, torch.float32)
 
     @property
     def _on_cpu(self) -> bool:

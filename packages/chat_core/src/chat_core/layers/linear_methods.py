@@ -8,6 +8,8 @@ the method, the layer ends up holding one copy of its weight.
 
 - `DenseMethod`: a float weight; on CPU optionally pre-packed for oneDNN (`cpu_gemm`), the packed copy
   replacing the plain one.
+- `NativeBf16Method`: a bfloat16 weight in the native CPU kernel's blocks (`native_kernels.bf16_matmul`),
+  multiplied in float32: faster than oneDNN's bfloat16 product here at every batch size measured.
 - `Int8Method`: int8 with a scale per output row, quantized from the checkpoint's floats.
 - `Int4Method`: 4-bit groups, quantized from floats or taken as they are from a GGUF Q4_0/Q4_1 tensor.
 - `Int8GroupsMethod`: a GGUF Q8_0 tensor taken as it is (int8, a scale per 32 inputs).
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from chat_core.checkpoint.tensor_source import TensorSource
-from chat_core.layers import cpu_gemm
+from chat_core.layers import cpu_gemm, native_kernels
 from chat_core.layers.weight_formats import INT4_GROUP_SIZES, INT8_GROUP_SIZE, Int4Groups, quantize_int4, quantize_int8
 from chat_core.layers.weight_kernels import Int4Kernel, Int8Kernel, PackedInt4
 
@@ -104,6 +106,44 @@ class DenseMethod(LinearMethod):
 
     def read_rows(self, layer, row_ids):
         return F.embedding(row_ids, layer.weight)
+
+
+class NativeBf16Method(DenseMethod):
+    """A bfloat16 weight multiplied by the native CPU kernel: loaded as a plain weight, then rearranged into the
+    kernel's 64-row blocks (which replace it; rows padded with zeros to a multiple of 64). Activations of any
+    dtype are widened to float32 for the product (exact for bfloat16 ones) and the result cast back, so
+    eagerly it rounds where oneDNN's bfloat16 product does; each row is reduced alike whatever the batch."""
+
+    name = "bf16 (native)"
+
+    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
+        if dtype != torch.bfloat16 or not native_kernels.available() or torch.device(device).type != "cpu":
+            raise ValueError(f"the native bfloat16 product needs bfloat16 weights on a CPU with the native kernels; got {dtype} on {device}")
+        super().__init__(dtype, device)
+        self.out_features = 0
+
+    def finish(self, layer: nn.Module) -> None:
+        weight = layer.weight.data
+        self.out_features, in_features = weight.shape
+        padded = -(-self.out_features // native_kernels.BF16_BLOCK_ROWS) * native_kernels.BF16_BLOCK_ROWS
+        if padded != self.out_features:  # zero rows: their outputs are sliced away
+            weight = F.pad(weight, (0, 0, 0, padded - self.out_features))
+        layer.weight = None
+        layer.register_buffer("bf16_weight", native_kernels.pack_bf16(weight), persistent=False)
+
+    def apply(self, layer, x):
+        rows = x.reshape(-1, x.shape[-1]).float()
+        y = native_kernels.bf16_matmul(rows, layer.bf16_weight)
+        if y.shape[1] != self.out_features:
+            y = y[:, : self.out_features]
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    @property
+    def can_read_rows(self) -> bool:
+        return True
+
+    def read_rows(self, layer, row_ids):
+        return native_kernels.unpack_bf16_rows(layer.bf16_weight, row_ids).to(self.dtype)
 
 
 def _linear_two_rows_at_a_time(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,7 @@ def declare(library: ctypes.CDLL) -> None:
     library.chat_rope.restype = None
     library.chat_decode_attention.argtypes = (
         [pointer, size, pointer, size, pointer, size, pointer, pointer, pointer, pointer, size, pointer, size, size, real, pointer]
-        + [size] * 4 + [integer]
+        + [size] * 4 + [integer, integer]
     )  # fmt: skip
     library.chat_decode_attention.restype = ctypes.c_int
     library.chat_run_decoder.argtypes = [pointer, size, pointer, integer]
@@ -119,12 +119,19 @@ def decode_attention(
 ) -> torch.Tensor:
     """One new token per sequence: writes k, v [batch, kv_heads, head_dim] (unless None) to the cache slots of
     `slot_mapping`, then attends q [batch, heads, head_dim] to each sequence's `seq_lens` keys through its
-    row of `block_tables`. Caches [slots, kv_heads, head_dim] contiguous; every index int64. -> [batch, heads * head_dim]."""
+    row of `block_tables`. Caches [slots, kv_heads, head_dim] contiguous, float32 or bfloat16 (widened as read, the
+    new keys and values rounded to it as written); q, k, v float32; every index int64. -> [batch, heads * head_dim]."""
     batch, heads, dim = q.shape
     kv_heads = key_cache.shape[1]
     for name, tensor in (("key_cache", key_cache), ("value_cache", value_cache)):
-        if tensor.dtype != torch.float32 or not tensor.is_contiguous():
-            raise ValueError(f"native decode attention needs a contiguous float32 {name}, got {tensor.dtype} with strides {tensor.stride()}")
+        if tensor.dtype not in (torch.float32, torch.bfloat16) or tensor.dtype != key_cache.dtype or not tensor.is_contiguous():
+            raise ValueError(
+                f"native decode attention needs contiguous float32 or bfloat16 caches of one dtype, got {name} "
+                f"{tensor.dtype} (key_cache {key_cache.dtype}) with strides {tensor.stride()}"
+            )
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        if tensor is not None and tensor.dtype != torch.float32:
+            raise ValueError(f"native decode attention takes float32 {name}, got {tensor.dtype}")
     for name, index in (("slot_mapping", slot_mapping), ("block_tables", block_tables), ("seq_lens", seq_lens)):
         if index.dtype != torch.int64 or not index.is_contiguous():
             raise ValueError(f"native decode attention needs {name} as contiguous int64, got {index.dtype}")
@@ -137,7 +144,7 @@ def decode_attention(
         None if v is None else v.data_ptr(), 0 if v is None else v.stride(0),
         key_cache.data_ptr(), value_cache.data_ptr(), slot_mapping.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
         seq_lens.data_ptr(), block_size, sliding_window or 0, scale, out.data_ptr(), batch, heads, kv_heads, dim,
-        torch.get_num_threads(),
+        torch.get_num_threads(), int(key_cache.dtype == torch.bfloat16),
     )  # fmt: skip
     if status:
         raise ValueError(f"native decode attention takes a head_dim of at most 512, got {dim}")

@@ -7,14 +7,18 @@ activation), each a few microseconds of interpreter and dispatcher around a few 
 small model at batch 1 that is as long as the products themselves. Recorded, the step is the embedding lookup,
 the rotary table lookup and this one call; the LM head and sampling follow in Python as before.
 
-The operations are the ones the eager path calls where the native kernels apply (`native_ops`, the int4 and
-int8 products of `native_kernels`), in the same order on the same numbers: a replayed step gives the same bits
-as an eager one (tested). It applies where every operation has such a kernel:
+The operations are the ones the eager path calls where the native kernels apply (`native_ops`, the int4, int8
+and bfloat16 products of `native_kernels`), in the same order on the same numbers: for a float32 model a
+replayed step gives the same bits as an eager one (tested). A bfloat16 model (bfloat16 activations and KV cache)
+is recorded too: its step runs in float32 between the bfloat16 weights, keys and values (the residual stream,
+norms and attention unrounded; keys and values rounded to bfloat16 as they are cached), so it is closer to the
+float32 model than the eager bfloat16 step, not equal to it (tested against both). It applies where every
+operation has such a kernel:
 - the model is our `LlamaForCausalLM` (not a subclass), of a single rank (no tensor or pipeline parallel);
-- activations and the KV cache are float32 on a CPU whose native kernels are built;
-- every linear layer's weight is on the native int4 or int8 kernel (GGUF Q4_0/Q4_1/Q8_0 kept quantized, or
-  `quantization="int4"/"int8"`) with a multiple of 64 outputs (no padded rows).
-Otherwise (dense weights, bfloat16, a custom model) decode steps run eagerly; `enforce_eager=True` and
+- the KV cache is float32 or bfloat16 on a CPU whose native kernels are built;
+- every linear layer's weight is on a native kernel (GGUF Q4_0/Q4_1/Q8_0 kept quantized,
+  `quantization="int4"/"int8"`, or dense bfloat16) with a multiple of 64 outputs (no padded rows).
+Otherwise (dense float32 weights, a custom model) decode steps run eagerly; `enforce_eager=True` and
 `compile_decode=True` also turn it off, as does `batch_invariant=True` (whose attention is another kind).
 """
 
@@ -27,7 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from chat_core.layers import native_kernels
-from chat_core.layers.linear_methods import Int4Method, Int8Method
+from chat_core.layers.linear_methods import Int4Method, Int8Method, NativeBf16Method
 from chat_core.layers.norm import RMSNorm
 from chat_core.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
 
@@ -37,7 +41,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Operation kinds of `chat_run_decoder` (decode_kernels.c).
-RMS_NORM, INT4, INT8, ROPE, ATTENTION, SILU_MUL = 1, 2, 3, 4, 5, 6
+RMS_NORM, INT4, INT8, ROPE, ATTENTION, SILU_MUL, BF16 = 1, 2, 3, 4, 5, 6, 7
 
 
 class _Op(ctypes.Structure):
@@ -80,6 +84,7 @@ class NativeDecoder:
     def __init__(self, model: LlamaForCausalLM, kv_caches: list[torch.Tensor], max_rows: int, block_size: int) -> None:
         _check_model(model, kv_caches)
         self.model = model
+        self.dtype = kv_caches[0].dtype  # the model's activations: what the step takes in and gives back
         self.max_rows = max_rows
         self.library = native_kernels.library()  # available: `_check_model` asked
         config = model.config
@@ -98,32 +103,36 @@ class NativeDecoder:
         self.final = buffer(hidden)
         self._buffers = (qkv, rotated, attended, projected, gate_up, activated, mlp_out)  # kept alive for the pointers
 
+        # A bfloat16 model's norm weights and biases, widened once (a few KiB a layer): the step runs in float32.
+        self._widened: list[torch.Tensor] = []
         ops: list[_Op] = []
         for index, (layer, cache) in enumerate(zip(model.layers, kv_caches)):
             # The first layer's residual is its input; later layers add to the running residual.
             layer_input, residual_in = (self.hidden, None) if index == 0 else (mlp_out, self.residual)
-            ops.append(_norm(layer.input_layernorm, layer_input, residual_in, self.normed, self.residual if residual_in is not None else None))
-            ops.append(_linear(layer.self_attn.qkv_proj, self.normed, qkv))
+            ops.append(self._norm(layer.input_layernorm, layer_input, residual_in, self.normed, self.residual if residual_in is not None else None))
+            ops.append(self._linear(layer.self_attn.qkv_proj, self.normed, qkv))
             ops.append(_op(ROPE, qkv, rotated, n=(qkv_width, heads + kv_heads, head_dim)))
             ops.append(
                 _op(
                     ATTENTION, rotated, attended,
                     a=qkv.data_ptr() + (heads + kv_heads) * head_dim * qkv.element_size(),  # the values in each qkv row
                     c=cache[0].data_ptr(), d=cache[1].data_ptr(),
-                    n=((heads + kv_heads) * head_dim, qkv_width, heads, kv_heads, head_dim, block_size, config.sliding_window or 0),
+                    n=((heads + kv_heads) * head_dim, qkv_width, heads, kv_heads, head_dim, block_size, config.sliding_window or 0,
+                       int(cache.dtype == torch.bfloat16)),
                     f=layer.self_attn.attn.scale,
                 )  # fmt: skip
             )
-            ops.append(_linear(layer.self_attn.o_proj, attended, projected))
-            ops.append(_norm(layer.post_attention_layernorm, projected, self.hidden if index == 0 else self.residual, self.normed, self.residual))
-            ops.append(_linear(layer.mlp.gate_up_proj, self.normed, gate_up))
+            ops.append(self._linear(layer.self_attn.o_proj, attended, projected))
+            ops.append(self._norm(layer.post_attention_layernorm, projected, self.hidden if index == 0 else self.residual, self.normed, self.residual))
+            ops.append(self._linear(layer.mlp.gate_up_proj, self.normed, gate_up))
             ops.append(_op(SILU_MUL, gate_up, activated, n=(intermediate,)))
-            ops.append(_linear(layer.mlp.down_proj, activated, mlp_out))
-        ops.append(_norm(model.norm, mlp_out, self.residual, self.final, self.residual))
+            ops.append(self._linear(layer.mlp.down_proj, activated, mlp_out))
+        ops.append(self._norm(model.norm, mlp_out, self.residual, self.final, self.residual))
         self.ops = (_Op * len(ops))(*ops)
         # The operations hold raw pointers: keep every tensor they point into alive for as long as they are
         # (weights loaded again later would leave this step reading the old ones, never freed memory).
-        packed = [getattr(m, name) for m in model.modules() for name in ("packed_int4", "packed_int8") if getattr(m, name, None) is not None]
+        names = ("packed_int4", "packed_int8", "bf16_weight")
+        packed = [getattr(m, name) for m in model.modules() for name in names if getattr(m, name, None) is not None]
         self._kept = (packed, list(model.parameters()), list(kv_caches))
         self.steps = 0  # decode steps run
 
@@ -144,7 +153,7 @@ class NativeDecoder:
     def run(self, model_input: LlamaModelInput) -> torch.Tensor:
         """The step's final hidden states [rows, hidden] (after the model's last norm), its keys and values cached."""
         rows = model_input.input_ids.shape[0]
-        self.hidden[:rows].copy_(self.model.embed_tokens(model_input.input_ids))
+        self.hidden[:rows].copy_(self.model.embed_tokens(model_input.input_ids))  # widened exactly if bfloat16
         cos, signed_sin = self.model.rotary.lookup(model_input.positions, torch.float32)
         tables, lens, slots = model_input.block_tables, model_input.seq_lens, model_input.slot_mapping
         for name, index in (("block_tables", tables), ("seq_lens", lens), ("slot_mapping", slots)):
@@ -155,7 +164,27 @@ class NativeDecoder:
         if status:
             raise RuntimeError(f"native decode step: operation {-status} of {len(self.ops)} failed")
         self.steps += 1
-        return self.final[:rows].clone()  # the buffer is overwritten by the next step
+        return self.final[:rows].to(self.dtype, copy=True)  # the buffer is overwritten by the next step
+
+    def _norm(self, norm: RMSNorm, source: torch.Tensor, residual: torch.Tensor | None, target: torch.Tensor,
+              residual_out: torch.Tensor | None) -> _Op:  # fmt: skip
+        """norm(source + residual) into target (the sum into residual_out), or norm(source) without a residual."""
+        weight = self._float32(norm.weight)
+        return _op(
+            RMS_NORM, source, target, a=weight.data_ptr(), b=residual.data_ptr() if residual is not None else 0,
+            c=residual_out.data_ptr() if residual_out is not None else 0, n=(weight.shape[0],), f=norm.eps,
+        )  # fmt: skip
+
+    def _float32(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.dtype == torch.float32:
+            return tensor
+        self._widened.append(tensor.float())
+        return self._widened[-1]
+
+    def _linear(self, layer: torch.nn.Module, source: torch.Tensor, target: torch.Tensor) -> _Op:
+        """The layer's product on a native kernel (its bias added after), or Unsupported."""
+        bias_pointer = self._float32(layer.bias).data_ptr() if layer.bias is not None else 0
+        return _product(layer, source, target, bias_pointer)
 
 
 def _check_model(model: LlamaForCausalLM, kv_caches: list[torch.Tensor]) -> None:
@@ -172,13 +201,18 @@ def _check_model(model: LlamaForCausalLM, kv_caches: list[torch.Tensor]) -> None
         if type(layer) is not LlamaDecoderLayer or type(layer.self_attn) is not LlamaAttention or type(layer.mlp) is not LlamaMLP:
             raise Unsupported(f"{type(layer).__name__} is not chat_core's Llama decoder layer")
     norms = [model.norm, *(n for layer in model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm))]
-    if any(type(norm) is not RMSNorm or norm.weight.dtype != torch.float32 for norm in norms):
-        raise Unsupported("its norms are not float32 RMSNorms")
+    if any(type(norm) is not RMSNorm or norm.weight.dtype not in _DTYPES for norm in norms):
+        raise Unsupported("its norms are not float32 or bfloat16 RMSNorms")
     if first.self_attn.head_dim > 512:
         raise Unsupported(f"head_dim {first.self_attn.head_dim} is over 512")
     for cache in kv_caches:
-        if cache.dtype != torch.float32 or cache.device.type != "cpu" or not cache.is_contiguous():
-            raise Unsupported(f"the KV cache is {cache.dtype} on {cache.device}, not contiguous float32 on the CPU")
+        if cache.dtype not in _DTYPES or cache.device.type != "cpu" or not cache.is_contiguous():
+            raise Unsupported(f"the KV cache is {cache.dtype} on {cache.device}, not contiguous float32 or bfloat16 on the CPU")
+    if len({cache.dtype for cache in kv_caches}) > 1:
+        raise Unsupported("the layers' KV caches differ in dtype")
+
+
+_DTYPES = (torch.float32, torch.bfloat16)  # of the activations and KV cache a step can take
 
 
 def _op(kind: int, source: torch.Tensor, target: torch.Tensor, *, a: int = 0, b: int = 0, c: int = 0, d: int = 0,
@@ -186,21 +220,9 @@ def _op(kind: int, source: torch.Tensor, target: torch.Tensor, *, a: int = 0, b:
     return _Op(kind, source.data_ptr(), target.data_ptr(), a or None, b or None, c or None, d or None, (ctypes.c_int64 * 8)(*n), f)
 
 
-def _norm(norm: RMSNorm, source: torch.Tensor, residual: torch.Tensor | None, target: torch.Tensor, residual_out: torch.Tensor | None) -> _Op:
-    """norm(source + residual) into target (the sum into residual_out), or norm(source) without a residual."""
-    return _op(
-        RMS_NORM, source, target, a=norm.weight.data_ptr(), b=residual.data_ptr() if residual is not None else 0,
-        c=residual_out.data_ptr() if residual_out is not None else 0, n=(norm.weight.shape[0],), f=norm.eps,
-    )  # fmt: skip
-
-
-def _linear(layer: torch.nn.Module, source: torch.Tensor, target: torch.Tensor) -> _Op:
-    """The layer's product on the native int4 or int8 kernel (its bias added after), or Unsupported."""
+def _product(layer: torch.nn.Module, source: torch.Tensor, target: torch.Tensor, bias_pointer: int) -> _Op:
+    """The layer's product on the native int4, int8 or bfloat16 kernel, or Unsupported."""
     method = layer.method
-    bias = layer.bias
-    if bias is not None and bias.dtype != torch.float32:
-        raise Unsupported(f"a linear layer's bias is {bias.dtype}")
-    bias_pointer = bias.data_ptr() if bias is not None else 0
     if isinstance(method, Int4Method) and method.kernel.native:
         packed = layer.packed_int4
         if packed.weight.shape[0] != packed.out_features or packed.out_features != target.shape[1]:
@@ -219,4 +241,9 @@ def _linear(layer: torch.nn.Module, source: torch.Tensor, target: torch.Tensor) 
             INT8, source, target, a=packed.weight.data_ptr(), b=packed.scale.data_ptr(), c=bias_pointer,
             n=(packed.out_features, packed.in_features, grouped),
         )  # fmt: skip
+    if isinstance(method, NativeBf16Method):
+        weight = layer.bf16_weight
+        if weight.shape[0] != method.out_features or method.out_features != target.shape[1]:
+            raise Unsupported(f"a bfloat16 layer has {method.out_features} outputs, not a multiple of 64")
+        return _op(BF16, source, target, a=weight.data_ptr(), c=bias_pointer, n=(method.out_features, weight.shape[1]))
     raise Unsupported(f"a linear layer's weights are {method.name}, which no native kernel multiplies here")

@@ -1,4 +1,5 @@
-/* The small operations around a decoder layer's matrix products, in float32, for x86-64 CPUs with AVX-512 F.
+/* The small operations around a decoder layer's matrix products, in float32, for x86-64 CPUs with AVX-512
+ * (F, BW and VL).
  *
  * Eagerly, each of these is several torch ops of a few microseconds each (RMSNorm alone is seven), and a
  * batch-1 decode step of a small model is mostly such overhead. Each function here is one call:
@@ -10,10 +11,11 @@
  *   (signed_sin: sin with its first half negated), out of place, for every head of every token.
  * - chat_decode_attention: one new token per sequence: writes its keys and values into the paged cache, then
  *   attends each query head to its sequence's keys, read through the block table in place (no gather, no
- *   padding: the work grows with the tokens cached), with a running softmax over chunks of keys.
+ *   padding: the work grows with the tokens cached), with a running softmax over chunks of keys. In a recorded
+ *   step the cache may also be bfloat16 (a bfloat16 model's).
  *
  * - chat_run_decoder: a whole decode step's decoder layers as one call: a list of the operations above and
- *   the quantized products (quant_kernels.c), recorded once over fixed buffers, run in order for the step's
+ *   the weight-only products (quant_kernels.c), recorded once over fixed buffers, run in order for the step's
  *   rows (worker/native_decode.py builds the list): the CPU's counterpart of replaying a CUDA graph.
  *
  * Rows (tokens, sequences, heads) are independent and each is reduced in the same order whatever else is in
@@ -124,21 +126,51 @@ INLINE float dot(const float *a, const float *b, int64_t dim) {
     return _mm512_reduce_add_ps(acc);
 }
 
+/* The cache holds float32, or (`bf16`) bfloat16: the top halves of float32s, widened exactly when read and
+   rounded to nearest even (as torch rounds) when written. */
+INLINE __m512 load_cache(const void *cache, int64_t offset, __mmask16 m, int bf16) {
+    if (bf16) {
+        __m256i halves = _mm256_maskz_loadu_epi16(m, (const uint16_t *)cache + offset);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(halves), 16));
+    }
+    return _mm512_maskz_loadu_ps(m, (const float *)cache + offset);
+}
+
+INLINE void store_cache(void *cache, int64_t offset, float value, int bf16) {
+    if (!bf16) {
+        ((float *)cache)[offset] = value;
+        return;
+    }
+    union { float f; uint32_t u; } bits = {value};
+    uint16_t rounded = value != value ? 0x7FC0 : (uint16_t)((bits.u + 0x7FFFu + ((bits.u >> 16) & 1u)) >> 16);
+    ((uint16_t *)cache)[offset] = rounded;
+}
+
+INLINE float cache_dot(const float *a, const void *cache, int64_t offset, int64_t dim, int bf16) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < dim; j += 16) {
+        __mmask16 m = tail_mask(dim - j);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + j), load_cache(cache, offset + j, m, bf16), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+
 /* q: [batch] rows of `q_stride` floats starting with `heads` heads of `dim`; k and v: the new keys/values,
    [batch] rows of `k_stride` / `v_stride` floats starting with `kv_heads` heads (k NULL: nothing to write);
-   key_cache and value_cache: [slots][kv_heads][dim]; slot_mapping [batch]; block_tables [batch][max_blocks]; seq_lens [batch] (counting the
-   new token); window 0 for none; out [batch][heads * dim]. Returns 0, or -1 for a head_dim over MAX_HEAD_DIM. */
-int chat_decode_attention(const float *q, int64_t q_stride, const float *k, int64_t k_stride, const float *v,
-                          int64_t v_stride, float *key_cache, float *value_cache, const int64_t *slot_mapping,
-                          const int64_t *block_tables, int64_t max_blocks, const int64_t *seq_lens, int64_t block_size,
-                          int64_t window, float scale, float *out, int64_t batch, int64_t heads, int64_t kv_heads,
-                          int64_t dim, int threads) {
+   key_cache and value_cache: [slots][kv_heads][dim] float32 or (`bf16`) bfloat16; slot_mapping [batch];
+   block_tables [batch][max_blocks]; seq_lens [batch] (counting the new token); window 0 for none;
+   out [batch][heads * dim]. Returns 0, or -1 for a head_dim over MAX_HEAD_DIM. */
+INLINE int decode_attention(const float *q, int64_t q_stride, const float *k, int64_t k_stride, const float *v,
+                            int64_t v_stride, void *key_cache, void *value_cache, const int64_t *slot_mapping,
+                            const int64_t *block_tables, int64_t max_blocks, const int64_t *seq_lens, int64_t block_size,
+                            int64_t window, float scale, float *out, int64_t batch, int64_t heads, int64_t kv_heads,
+                            int64_t dim, int threads, int bf16) {
     if (dim > MAX_HEAD_DIM) return -1;
     for (int64_t b = 0; k && b < batch; b++) {
-        float *key_slot = key_cache + slot_mapping[b] * kv_heads * dim, *value_slot = value_cache + slot_mapping[b] * kv_heads * dim;
+        const int64_t slot = slot_mapping[b] * kv_heads * dim;
         for (int64_t j = 0; j < kv_heads * dim; j++) {
-            key_slot[j] = k[b * k_stride + j];
-            value_slot[j] = v[b * v_stride + j];
+            store_cache(key_cache, slot + j, k[b * k_stride + j], bf16);
+            store_cache(value_cache, slot + j, v[b * v_stride + j], bf16);
         }
     }
     const int64_t group = heads / kv_heads;
@@ -162,7 +194,7 @@ int chat_decode_attention(const float *q, int64_t q_stride, const float *k, int6
                 const int64_t position = start + i;
                 const int64_t slot = table[position / block_size] * block_size + position % block_size;
                 offsets[i] = (slot * kv_heads + kv) * dim;
-                scores[i] = dot(query, key_cache + offsets[i], dim) * scale;
+                scores[i] = cache_dot(query, key_cache, offsets[i], dim, bf16) * scale;
                 chunk_max = scores[i] > chunk_max ? scores[i] : chunk_max;
             }
             const float new_max = chunk_max > running_max ? chunk_max : running_max;
@@ -179,7 +211,7 @@ int chat_decode_attention(const float *q, int64_t q_stride, const float *k, int6
                 __mmask16 m = tail_mask(dim - j);
                 __m512 a = _mm512_mul_ps(_mm512_maskz_load_ps(m, acc + j), _mm512_set1_ps(rescale));
                 for (int64_t i = 0; i < count; i++)
-                    a = _mm512_fmadd_ps(_mm512_set1_ps(scores[i]), _mm512_maskz_loadu_ps(m, value_cache + offsets[i] + j), a);
+                    a = _mm512_fmadd_ps(_mm512_set1_ps(scores[i]), load_cache(value_cache, offsets[i] + j, m, bf16), a);
                 _mm512_mask_store_ps(acc + j, m, a);
             }
             running_max = new_max;
@@ -191,10 +223,23 @@ int chat_decode_attention(const float *q, int64_t q_stride, const float *k, int6
     return 0;
 }
 
+int chat_decode_attention(const float *q, int64_t q_stride, const float *k, int64_t k_stride, const float *v,
+                          int64_t v_stride, void *key_cache, void *value_cache, const int64_t *slot_mapping,
+                          const int64_t *block_tables, int64_t max_blocks, const int64_t *seq_lens, int64_t block_size,
+                          int64_t window, float scale, float *out, int64_t batch, int64_t heads, int64_t kv_heads,
+                          int64_t dim, int threads, int bf16) {
+    if (bf16)
+        return decode_attention(q, q_stride, k, k_stride, v, v_stride, key_cache, value_cache, slot_mapping, block_tables,
+                                max_blocks, seq_lens, block_size, window, scale, out, batch, heads, kv_heads, dim, threads, 1);
+    return decode_attention(q, q_stride, k, k_stride, v, v_stride, key_cache, value_cache, slot_mapping, block_tables,
+                            max_blocks, seq_lens, block_size, window, scale, out, batch, heads, kv_heads, dim, threads, 0);
+}
+
 int chat_int4_matmul(const float *x, const uint8_t *w, const void *scale_low, int half, float *y, int64_t M, int64_t N,
                      int64_t K, int64_t group, int threads);
 int chat_int8_matmul(const float *x, const int8_t *w, const float *scale, int grouped, float *y, int64_t M, int64_t N,
                      int64_t K, int threads);
+int chat_bf16_matmul(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int threads);
 
 /* One recorded operation of chat_run_decoder; what each field holds depends on `kind` (see the cases below).
    Buffers are [rows][width] row-major; the step's row count is given to the run, not recorded. */
@@ -208,7 +253,7 @@ typedef struct {
     float f;
 } chat_op;
 
-enum { OP_RMS_NORM = 1, OP_INT4 = 2, OP_INT8 = 3, OP_ROPE = 4, OP_ATTENTION = 5, OP_SILU_MUL = 6 };
+enum { OP_RMS_NORM = 1, OP_INT4 = 2, OP_INT8 = 3, OP_ROPE = 4, OP_ATTENTION = 5, OP_SILU_MUL = 6, OP_BF16 = 7 };
 
 /* What changes from step to step: the rows, the rotary rows, where the new keys go and what each sequence reads. */
 typedef struct {
@@ -243,15 +288,24 @@ int chat_run_decoder(const chat_op *ops, int64_t count, const chat_step *step, i
             status = chat_int8_matmul(op->in, (const int8_t *)op->a, (const float *)op->b, (int)op->n[2], op->out, rows, op->n[0], op->n[1], threads);
             if (op->c) add_bias(op->out, (const float *)op->c, rows, op->n[0]);
             break;
+        case OP_BF16: /* a packed weight, c bias or NULL, n0 N, n1 K */
+            status = chat_bf16_matmul(op->in, (const uint16_t *)op->a, op->out, rows, op->n[0], op->n[1], threads);
+            if (op->c) add_bias(op->out, (const float *)op->c, rows, op->n[0]);
+            break;
         case OP_ROPE: /* n0 input row stride, n1 heads rotated, n2 head_dim */
             chat_rope(op->in, op->n[0], step->cos, step->signed_sin, op->out, rows, op->n[1], op->n[2], threads);
             break;
         case OP_ATTENTION: /* in rotated q then k rows (stride n0), a values (row stride n1), c/d key/value caches,
-                              n2 heads, n3 kv heads, n4 head_dim, n5 block size, n6 window or 0; f scale */
-            status = chat_decode_attention(op->in, op->n[0], op->in + op->n[2] * op->n[4], op->n[0], (const float *)op->a, op->n[1],
-                                           (float *)op->c, (float *)op->d, step->slot_mapping, step->block_tables,
-                                           step->max_blocks, step->seq_lens, op->n[5], op->n[6], op->f, op->out,
-                                           rows, op->n[2], op->n[3], op->n[4], threads);
+                              n2 heads, n3 kv heads, n4 head_dim, n5 block size, n6 window or 0, n7 bfloat16 caches;
+                              f scale */
+            if (op->n[7])
+                status = decode_attention(op->in, op->n[0], op->in + op->n[2] * op->n[4], op->n[0], (const float *)op->a, op->n[1],
+                                          op->c, op->d, step->slot_mapping, step->block_tables, step->max_blocks, step->seq_lens,
+                                          op->n[5], op->n[6], op->f, op->out, rows, op->n[2], op->n[3], op->n[4], threads, 1);
+            else
+                status = decode_attention(op->in, op->n[0], op->in + op->n[2] * op->n[4], op->n[0], (const float *)op->a, op->n[1],
+                                          op->c, op->d, step->slot_mapping, step->block_tables, step->max_blocks, step->seq_lens,
+                                          op->n[5], op->n[6], op->f, op->out, rows, op->n[2], op->n[3], op->n[4], threads, 0);
             break;
         case OP_SILU_MUL: /* n0 width */
             chat_silu_mul(op->in, op->out, rows, op->n[0], threads);

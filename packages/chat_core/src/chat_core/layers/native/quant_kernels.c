@@ -1,4 +1,5 @@
-/* Weight-only quantized matrix products for x86-64 CPUs with AVX-512 (F + BW), in float32 throughout.
+/* Weight-only matrix products (4-bit, 8-bit and bfloat16 weights) for x86-64 CPUs with AVX-512 (F + BW), in
+ * float32 throughout.
  *
  * Built and loaded at run time by chat_core/layers/native_kernels.py (the system C compiler, about half a
  * second, cached on disk); where that is not possible torch's own kernels are used instead. Both products
@@ -12,6 +13,9 @@
  * - chat_int8_matmul: 8-bit W in 64-row blocks, block b [K][64] bytes (byte j of input k: row 64 b + j),
  *   w[n, k] = q[n, k] * scale[n] (int8 per output channel) or q[n, k] * scale[k / 32][n] (`grouped`: GGUF's
  *   Q8_0, a scale per 32 inputs; K a multiple of 32).
+ * - chat_bf16_matmul: bfloat16 W in the int8 layout with 2-byte entries (block b [K][64], entry j of input k:
+ *   row 64 b + j). A bfloat16 is the top half of a float32, so each weight widens exactly (a shift) and
+ *   every product is exact in float32: the same sums as oneDNN's bfloat16 product, without rounding x.
  *
  * Each row of x is reduced in the same order whatever M is (rows are independent), so a row's result
  * does not depend on the rows batched with it. Threads split the output columns (OpenMP: torch's own
@@ -167,6 +171,48 @@ int chat_int8_matmul(const float *x, const int8_t *w, const float *scale, int gr
                     case 2: int8_block(xm, block, scale + b * 64, ym, N, K, 0, 2); break;
                     default: int8_block(xm, block, scale + b * 64, ym, N, K, 0, 1); break;
                 }
+            }
+        }
+    }
+    return 0;
+}
+
+/* bfloat16 in 64-row blocks: block b is [K][64] 2-byte entries, entry j of input k = row 64 b + j. */
+INLINE __m512 widen_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+INLINE void bf16_block(const float *x, const uint16_t *block, float *y, int64_t N, int64_t K, int rows) {
+    __m512 acc[ROW_TILE][4];
+    for (int r = 0; r < rows; r++)
+        for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        const uint16_t *entries = block + k * 64;
+        _mm_prefetch((const char *)entries + PREFETCH_BYTES, _MM_HINT_T0);
+        _mm_prefetch((const char *)entries + PREFETCH_BYTES + 64, _MM_HINT_T0);
+        __m512 w[4];
+        for (int j = 0; j < 4; j++) w[j] = widen_bf16(entries + 16 * j);
+        for (int r = 0; r < rows; r++) {
+            __m512 xk = _mm512_set1_ps(x[r * K + k]);
+            for (int j = 0; j < 4; j++) acc[r][j] = _mm512_fmadd_ps(w[j], xk, acc[r][j]);
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int j = 0; j < 4; j++) _mm512_storeu_ps(y + r * N + 16 * j, acc[r][j]);
+}
+
+int chat_bf16_matmul(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < N / 64; b++) {
+        const uint16_t *block = w + b * K * 64;
+        for (int64_t m = 0; m < M; m += ROW_TILE) {
+            const float *xm = x + m * K;
+            float *ym = y + m * N + b * 64;
+            switch (M - m < ROW_TILE ? (int)(M - m) : ROW_TILE) {
+                case 4: bf16_block(xm, block, ym, N, K, 4); break;
+                case 3: bf16_block(xm, block, ym, N, K, 3); break;
+                case 2: bf16_block(xm, block, ym, N, K, 2); break;
+                default: bf16_block(xm, block, ym, N, K, 1); break;
             }
         }
     }
