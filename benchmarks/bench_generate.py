@@ -8,7 +8,9 @@ CPU (default): SmolLM2-135M-Instruct from the packaged GGUF (Q4_1), as
 - chat / int8      a Hugging Face checkpoint of the same weights (written by this script), int8 per channel
                    (the native float32 kernel; "bf16": torch's `_weight_int8pack_mm` in bfloat16)
 - chat / int4      the same checkpoint, int4 in groups of 32
-- chat / float32, chat / bfloat16   dense weights (the GGUF dequantized at load)
+- chat / float32, chat / bfloat16   dense weights (the GGUF dequantized at load); bfloat16 on our native kernel
+                                    and decoded by the recorded step; "bf16 eager": op by op (`enforce_eager`);
+                                    "bf16 torch kernels": oneDNN's product and torch's ops (CHAT_CORE_NATIVE_KERNELS=0)
 - chat / ... compiled               the same with the decode step compiled (`compile_decode=True`); its load
                                     time includes the warm-up (compiling, or reading inductor's cache)
 - chat / gguf batch-inv.            the default with `batch_invariant=True`
@@ -83,6 +85,8 @@ def cpu_configs(compare_tree: str | None) -> list[Config]:
         Config("chat int4 g32", "chat", "hf", {"quantization": "int4", "quantization_group_size": 32}),
         Config("chat float32", "chat", "gguf", {"quantization": None, "dtype": "float32"}),
         Config("chat bfloat16", "chat", "gguf", {"quantization": None, "dtype": "bfloat16"}),
+        Config("chat bf16 eager", "chat", "gguf", {"quantization": None, "dtype": "bfloat16", "enforce_eager": True}),
+        Config("chat bf16 torch kernels", "chat", "gguf", {"quantization": None, "dtype": "bfloat16"}, env={"CHAT_CORE_NATIVE_KERNELS": "0"}),
         Config("chat bf16 compiled", "chat", "gguf", {"quantization": None, "dtype": "bfloat16", "compile_decode": True}),
         Config("chat gguf bf16 act.", "chat", "gguf", {"dtype": "bfloat16"}),
         Config("transformers float32", "transformers", "gguf", {"dtype": "float32"}),
