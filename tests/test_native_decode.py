@@ -7,13 +7,11 @@ import pytest
 import torch
 
 from chat_core import Engine, SamplingParams
-from chat_core.layers import native_kernels
 from decode_cases import PROMPTS, Recorder
+from native_marks import needs_native_kernels
 from tiny_models import make_tiny_checkpoint
 
-pytestmark = pytest.mark.skipif(
-    not native_kernels.available(), reason="the native kernels need an x86-64 CPU with AVX-512 and a C compiler"
-)
+pytestmark = needs_native_kernels
 
 MAX_TOKENS = (3, 17, 9, 24, 12)  # sequences join and leave the batch
 

@@ -12,10 +12,9 @@ import time
 import pytest
 
 from chat_core.layers import native_kernels
+from native_marks import needs_native_kernels
 
-pytestmark = pytest.mark.skipif(
-    not native_kernels.available(), reason="the native kernels need an x86-64 CPU with AVX-512 and a C compiler"
-)
+pytestmark = needs_native_kernels
 
 # Loads the default model in a fresh process (the kernels are decided once per process) and reports.
 PROBE = """

@@ -9,13 +9,13 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chat_core.layers import native_kernels, native_ops
+from chat_core.layers import native_ops
 from chat_core.layers.norm import RMSNorm
 from chat_core.layers.rotary import apply_rotary
+from native_marks import needs_native_kernels
 
-pytestmark = pytest.mark.skipif(
-    not native_kernels.available(), reason="the native kernels need an x86-64 CPU with AVX-512 and a C compiler"
-)
+pytestmark = needs_native_kernels
+
 PROPERTY = settings(max_examples=60, deadline=None)
 
 

@@ -17,11 +17,12 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from chat_core import Engine, SamplingParams  # noqa: E402
-from chat_core.layers import native_kernels, native_ops  # noqa: E402
+from chat_core.layers import native_ops  # noqa: E402
 from chat_core.layers.attention import AttentionMetadata, BlockwiseDecodeMetadata, NativeDecodeMetadata, TritonDecodeMetadata  # noqa: E402
 from chat_core.worker.compiled_decode import graphs_needed  # noqa: E402
 from chat_core.worker.cuda_graphs import batch_buckets  # noqa: E402
 from decode_cases import PROMPTS, Recorder  # noqa: E402
+from native_marks import needs_native_kernels  # noqa: E402
 
 
 @st.composite
@@ -96,7 +97,7 @@ def test_blockwise_decode_matches_the_padded_reference(case):
     assert metadata.blocks.numel() == sum(-(-n // block_size) for n in lens)
 
 
-@pytest.mark.skipif(not native_kernels.available(), reason="the native kernels need an x86-64 CPU with AVX-512 and a C compiler")
+@needs_native_kernels
 @settings(max_examples=60, deadline=None)
 @given(decode_batches(block_sizes=(1, 4, 16)))
 def test_native_decode_matches_the_padded_reference(case):
@@ -116,7 +117,7 @@ def test_native_decode_matches_the_padded_reference(case):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not native_kernels.available(), reason="the native kernels need an x86-64 CPU with AVX-512 and a C compiler")
+@needs_native_kernels
 @settings(max_examples=40, deadline=None)
 @given(decode_batches(block_sizes=(1, 4, 16)))
 def test_native_decode_reads_and_writes_a_bfloat16_cache(case):

@@ -25,6 +25,7 @@ from chat_core.layers.weight_formats import INT4_GROUP_SIZES, Int8Groups, quanti
 from chat_core.layers.weight_kernels import Int4Kernel, Int8Kernel
 from chat_core.models.llama import LlamaForCausalLM
 from chat_core.quantization import QuantizationPlan
+from native_marks import needs_native_kernels
 
 CPU = torch.device("cpu")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -138,7 +139,7 @@ def test_the_int8_kernel_multiplies_by_the_stored_weights_and_reads_rows_back(ro
     assert torch.equal(kernel.read_rows(packed, row_ids, torch.float32), dense[row_ids])
 
 
-@pytest.mark.skipif(not native_kernels.available(), reason="the native kernels need an x86-64 CPU with AVX-512 and a C compiler")
+@needs_native_kernels
 @settings(max_examples=20, deadline=None)
 @given(rows=st.integers(1, 130), batch=st.integers(2, 11), seed=st.integers(0, 2**16))
 def test_the_native_kernels_give_a_row_the_same_bits_whatever_it_is_batched_with(rows, batch, seed):
@@ -162,10 +163,7 @@ def test_the_native_kernels_give_a_row_the_same_bits_whatever_it_is_batched_with
         assert torch.equal(together[1:], product(x[1:]))
 
 
-NATIVE = pytest.mark.skipif(not native_kernels.available(), reason="the native kernels need an x86-64 CPU with AVX-512 and a C compiler")
-
-
-@NATIVE
+@needs_native_kernels
 @settings(max_examples=30, deadline=None)
 @given(
     sizes=st.lists(st.integers(1, 150), min_size=1, max_size=3),

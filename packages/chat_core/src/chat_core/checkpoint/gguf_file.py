@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import functools
-import sys
 import os
+import sys
 from functools import cached_property
 from typing import Any
 

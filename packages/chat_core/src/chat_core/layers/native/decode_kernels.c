@@ -117,15 +117,6 @@ void chat_rope(const float *x, int64_t x_stride, const float *cos, const float *
     }
 }
 
-INLINE float dot(const float *a, const float *b, int64_t dim) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t j = 0; j < dim; j += 16) {
-        __mmask16 m = tail_mask(dim - j);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + j), _mm512_maskz_loadu_ps(m, b + j), acc);
-    }
-    return _mm512_reduce_add_ps(acc);
-}
-
 /* The cache holds float32, or (`bf16`) bfloat16: the top halves of float32s, widened exactly when read and
    rounded to nearest even (as torch rounds) when written. */
 INLINE __m512 load_cache(const void *cache, int64_t offset, __mmask16 m, int bf16) {
@@ -223,6 +214,7 @@ INLINE int decode_attention(const float *q, int64_t q_stride, const float *k, in
     return 0;
 }
 
+/* The attention above, specialised for each cache dtype (a constant `bf16` in each inlined copy). */
 int chat_decode_attention(const float *q, int64_t q_stride, const float *k, int64_t k_stride, const float *v,
                           int64_t v_stride, void *key_cache, void *value_cache, const int64_t *slot_mapping,
                           const int64_t *block_tables, int64_t max_blocks, const int64_t *seq_lens, int64_t block_size,
@@ -298,14 +290,10 @@ int chat_run_decoder(const chat_op *ops, int64_t count, const chat_step *step, i
         case OP_ATTENTION: /* in rotated q then k rows (stride n0), a values (row stride n1), c/d key/value caches,
                               n2 heads, n3 kv heads, n4 head_dim, n5 block size, n6 window or 0, n7 bfloat16 caches;
                               f scale */
-            if (op->n[7])
-                status = decode_attention(op->in, op->n[0], op->in + op->n[2] * op->n[4], op->n[0], (const float *)op->a, op->n[1],
-                                          op->c, op->d, step->slot_mapping, step->block_tables, step->max_blocks, step->seq_lens,
-                                          op->n[5], op->n[6], op->f, op->out, rows, op->n[2], op->n[3], op->n[4], threads, 1);
-            else
-                status = decode_attention(op->in, op->n[0], op->in + op->n[2] * op->n[4], op->n[0], (const float *)op->a, op->n[1],
-                                          op->c, op->d, step->slot_mapping, step->block_tables, step->max_blocks, step->seq_lens,
-                                          op->n[5], op->n[6], op->f, op->out, rows, op->n[2], op->n[3], op->n[4], threads, 0);
+            status = chat_decode_attention(op->in, op->n[0], op->in + op->n[2] * op->n[4], op->n[0], (const float *)op->a, op->n[1],
+                                           op->c, op->d, step->slot_mapping, step->block_tables, step->max_blocks, step->seq_lens,
+                                           op->n[5], op->n[6], op->f, op->out, rows, op->n[2], op->n[3], op->n[4], threads,
+                                           (int)op->n[7]);
             break;
         case OP_SILU_MUL: /* n0 width */
             chat_silu_mul(op->in, op->out, rows, op->n[0], threads);
