@@ -132,7 +132,7 @@ def test_answers_stream_in_and_the_second_turn_carries_the_first(new_page, chat_
 def test_stop_cancels_the_answer_and_frees_its_slot_and_new_chat_starts_over(new_page, chat_server):
     page = new_page()
     open_chat(page, chat_server)
-    set_settings(page, temperature="0", max_tokens="400")
+    set_settings(page, temperature="0", max_tokens="1800")  # ends by the stop, long before 1800 tokens
     aborted_before = chat_server.metrics()['chat_requests_finished_total{finish_reason="abort"}']
     send(page, "Count from 1 to 200, separated by commas.")
     # Mid-answer: a few characters shown (the first event carries only the role and renders an empty

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from chat_core import Engine, SamplingParams
-from gated_runner import GATE_ENV
+from gated_runner import GATE_ENV, let_steps_through
 from server_process import ServerProcess, start_server, stop_server
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -60,6 +60,17 @@ def gated(gate) -> tuple[list[str], dict[str, str]]:
     return ["--model-runner-cls", "gated_runner:GatedRunner"], env
 
 
+def join_the_batch(server: ServerProcess, gate, sequences: int, timeout: float = 60) -> None:
+    """Behind the closed gate, let steps through one at a time until `sequences` run (requests join between steps)."""
+    deadline = time.monotonic() + timeout
+    steps = 0
+    while server.metrics()["chat_sequences_running"] < sequences:
+        assert time.monotonic() < deadline, f"timed out waiting for {sequences} sequences to run"
+        steps += 1
+        let_steps_through(gate, steps)
+        time.sleep(0.2)
+
+
 def ranks_of(server: ServerProcess) -> list[psutil.Process]:
     return psutil.Process(server.process.pid).children(recursive=True)
 
@@ -99,9 +110,9 @@ def test_a_signal_refuses_new_requests_and_lets_those_in_flight_finish(tiny_chat
         with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=stream_body(streamed_tokens), timeout=300) as stream:
             lines = stream.iter_lines()
             first = events_of([next(line for line in lines if line.startswith("data: "))])
+            gate.touch()  # the stream holds (it could end before the other request arrives on a fast machine)
             thread.start()
-            wait_for(lambda: server.metrics()["chat_sequences_running"] == 2, "both requests to run")
-            gate.touch()  # both stay in flight until the refusals are checked, however fast the machine
+            join_the_batch(server, gate, 2)  # both stay in flight until the refusals are checked
             server.process.send_signal(sig)
             wait_for(lambda: httpx.get(f"{server.url}/health", timeout=30).status_code == 503, "the drain to begin")
             assert_refused_while_draining(server)
