@@ -377,3 +377,37 @@ def test_the_checkpoint_file_is_not_kept_mapped_once_loaded(smollm2_path):
     assert result.returncode == 0, result.stderr
     mapped, text = result.stdout.split("\n", 1)
     assert mapped == "0" and "Paris" in text
+
+
+def _resident_bytes_of_mapping(path: str) -> int:
+    """This process's resident bytes of every mapping of `path` (from /proc/self/smaps)."""
+    total, in_mapping = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header line
+                in_mapping = fields[-1] == os.path.realpath(path)
+            elif in_mapping and fields[0] == "Rss:":
+                total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads /proc/self/smaps (Linux)")
+def test_a_gguf_tensor_leaves_resident_memory_once_loaded(smollm2_path):
+    """While a GGUF loads, the pages of the tensors already loaded are not kept resident (at load's peak they
+    were as much memory again as the weights); a tensor read again afterwards reads the same values."""
+    checkpoint = open_checkpoint(smollm2_path)
+    size = os.path.getsize(smollm2_path)
+    first_reads, most_resident = {}, 0
+    for name, tensor in checkpoint.tensors():
+        values = tensor.read()  # every byte of it is read
+        if name in ("model.norm.weight", "model.layers.29.mlp.down_proj.weight"):
+            first_reads[name] = values
+        most_resident = max(most_resident, _resident_bytes_of_mapping(smollm2_path))
+    left = _resident_bytes_of_mapping(smollm2_path)
+    assert most_resident > 0, "the file is read through its memory map"
+    # At most the metadata (the vocabulary) and the pages of the tensor being read: far from the whole file.
+    assert most_resident < size / 3 and left < size / 10, (most_resident, left, size)
+    tensors = dict(checkpoint.tensors())
+    for name, values in first_reads.items():
+        torch.testing.assert_close(tensors[name].read(), values, rtol=0, atol=0)

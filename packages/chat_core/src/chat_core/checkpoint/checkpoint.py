@@ -188,7 +188,9 @@ class GGUFCheckpoint(Checkpoint):
         return None
 
     def tensors(self) -> Iterator[tuple[str, TensorSource]]:
-        yield from self._hf_tensors.items()
+        for name, tensor in self._hf_tensors.items():
+            yield name, tensor
+            self.file.drop_pages(tensor)  # loaded: its bytes leave this process's memory before the next one's come in
 
     @property
     def num_tensors(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import mmap
 import os
 import sys
 from functools import cached_property
@@ -48,6 +49,18 @@ class GGUFFile:
     @cached_property
     def tensors(self) -> dict[str, GGUFTensor]:
         return {t.name: GGUFTensor(self.path, t) for t in self._reader.tensors}
+
+    def drop_pages(self, tensor: GGUFTensor) -> None:
+        """Take a tensor's bytes, once read, out of this process's resident memory: the map would otherwise keep
+        every page read until it is closed, as much memory again as the weights at the peak of a load. The
+        pages stay in the OS page cache; a later read of the tensor maps them again."""
+        memory_map = getattr(self._reader.data, "_mmap", None)  # numpy.memmap's mmap.mmap
+        if memory_map is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = tensor.data_offset // mmap.PAGESIZE * mmap.PAGESIZE  # madvise takes whole pages
+        end = min(tensor.data_offset + tensor.num_bytes, len(memory_map))
+        if end > start:
+            memory_map.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 @functools.cache
@@ -121,6 +134,7 @@ class GGUFTensor:
             )
         # GGUF lists dimensions innermost first; PyTorch outermost first.
         self.shape: tuple[int, ...] = tuple(int(d) for d in reversed(reader_tensor.shape.tolist()))
+        self.data_offset, self.num_bytes = int(reader_tensor.data_offset), int(reader_tensor.n_bytes)  # in the file
         self._block_size = gguf.GGML_QUANT_SIZES[reader_tensor.tensor_type][0]
 
     def with_row_order(self, row_order: np.ndarray) -> GGUFTensor:

@@ -181,7 +181,7 @@ class Int8Method(LinearMethod):
 
     def finish(self, layer) -> None:
         parts = _staged_slices(layer, "int8")
-        packed = self.kernel.pack(type(parts[0])(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts])))
+        packed = self.kernel.pack(type(parts[0])(_joined([p.q for p in parts]), _joined([p.scale for p in parts])))
         layer.packed_int8 = packed
         # Registered as buffers so they move and count like every other tensor of the module.
         layer.register_buffer("int8_weight", packed.weight, persistent=False)
@@ -269,7 +269,7 @@ class Int4Method(LinearMethod):
     def finish(self, layer) -> None:
         parts = _staged_slices(layer, "int4")
         whole = Int4Groups(
-            torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]), torch.cat([p.zero for p in parts]), self.group_size
+            _joined([p.q for p in parts]), _joined([p.scale for p in parts]), _joined([p.zero for p in parts]), self.group_size
         )
         packed = self.kernel.pack(whole)
         layer.packed_int4 = packed
@@ -296,6 +296,11 @@ class Int4Method(LinearMethod):
 def _start_staging(layer: nn.Module, output_size: int, input_size: int) -> None:
     layer.output_size, layer.input_size = output_size, input_size
     layer.staging = []  # (row offset, slice) of each slice read
+
+
+def _joined(slices: list[torch.Tensor]) -> torch.Tensor:
+    """The slices one after the other; a lone slice as it is (no copy: an LM head's is tens of MB at load's peak)."""
+    return slices[0] if len(slices) == 1 else torch.cat(slices)
 
 
 def _staged_slices(layer: nn.Module, name: str) -> list:
