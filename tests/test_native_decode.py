@@ -16,12 +16,15 @@ pytestmark = needs_native_kernels
 MAX_TOKENS = (3, 17, 9, 24, 12)  # sequences join and leave the batch
 
 
-def run(directory: str, **options):
+def run(directory: str, stats: dict | None = None, **options):
+    """Tokens, logits and recorded decoder of PROMPTS answered together; `stats` gets the run's preemptions."""
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in MAX_TOKENS]
     options = {"dtype": "float32", "block_size": 16, "max_num_seqs": 6, "model_runner_cls": Recorder, **options}
     with Engine.from_pretrained(directory, **options) as engine:
         outputs = engine.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
         runner = engine.executor.worker.model_runner
+        if stats is not None:
+            stats["preemptions"] = engine.generator.scheduler.stats.preemptions
         return [o.token_ids for o in outputs], runner.logits, runner.native_decode
 
 
@@ -91,10 +94,12 @@ def test_recorded_decode_with_a_sliding_window_under_preemption_and_chunked_pref
     directory = str(tmp_path / "windowed")
     make_tiny_checkpoint(directory, "mistral", sliding_window=8, num_attention_heads=4)  # q, k, v: 128 outputs
     bytes_per_block = 4 * 16 * 2 * 16 * 2 * 4  # layers * block * (k,v) * head_dim * kv_heads * float32
-    options = {"quantization": "int4", "quantization_group_size": 32, "kv_cache_memory_gib": 9 * bytes_per_block / 2**30}
+    # 6 blocks: PROMPTS answered together need 11 at once, so sequences are preempted and recomputed.
+    options = {"quantization": "int4", "quantization_group_size": 32, "kv_cache_memory_gib": 6 * bytes_per_block / 2**30}
     expected_tokens, expected_logits, _ = run(directory, enforce_eager=True, max_num_batched_tokens=16, **options)
-    tokens, logits, native = run(directory, max_num_batched_tokens=16, **options)
-    assert native is not None and native.steps > 0
+    stats: dict = {}
+    tokens, logits, native = run(directory, stats, max_num_batched_tokens=16, **options)
+    assert native is not None and native.steps > 0 and stats["preemptions"] > 0
     assert tokens == expected_tokens
     assert_same_bits(logits, expected_logits)
 

@@ -157,13 +157,22 @@ class BucketedRecorder(Recorder):
         return True
 
 
-def run(directory: str, runner_cls, **options):
+def run(directory: str, runner_cls, stats: dict | None = None, **options):
+    """Tokens, logits and CUDA-graph decoder of PROMPTS answered together; `stats` gets the run's preemptions."""
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (3, 17, 9, 24, 12)]  # join and leave
     with Engine.from_pretrained(directory, dtype="float32", block_size=16, max_num_seqs=6, model_runner_cls=runner_cls, **options) as engine:
         outputs = engine.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
         runner = engine.executor.worker.model_runner
         graphs = runner.decode_graphs
+        if stats is not None:
+            stats["preemptions"] = engine.generator.scheduler.stats.preemptions
         return [o.token_ids for o in outputs], runner.logits, graphs
+
+
+def preempting_cache_gib(kv_heads: int) -> float:
+    """A KV cache of 6 blocks of 16 for a tiny model (4 layers, head_dim 16, float32): too small for PROMPTS
+    answered together (they need 11 blocks at once), so sequences get preempted and recomputed."""
+    return 6 * (4 * 16 * 2 * 16 * kv_heads * 4) / 2**30  # blocks * layers * block * (k,v) * head_dim * kv_heads * float32
 
 
 @pytest.mark.parametrize("family", ["llama", "llama3", "mistral", "qwen2", "llama_tied"])
@@ -181,29 +190,61 @@ def test_bucketed_decode_gives_the_eager_tokens_and_logits(tiny_checkpoints, fam
 def test_bucketed_decode_under_preemption_and_chunked_prefill(tiny_checkpoints):
     directory, _ = tiny_checkpoints("llama")
     expected, _, _ = run(directory, Recorder)
-    bytes_per_block = 4 * 16 * 2 * 16 * 4 * 4  # layers * block * (k,v) * head_dim * kv_heads * float32
-    tokens, _, _ = run(directory, BucketedRecorder, kv_cache_memory_gib=9 * bytes_per_block / 2**30, max_num_batched_tokens=16)
-    assert tokens == expected
+    stats: dict = {}
+    tokens, _, _ = run(directory, BucketedRecorder, stats, kv_cache_memory_gib=preempting_cache_gib(4), max_num_batched_tokens=16)
+    assert tokens == expected and stats["preemptions"] > 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: captures and replays real CUDA graphs")
-@pytest.mark.parametrize("family", ["llama", "mistral", "llama_tied"])
-def test_cuda_graph_decode_gives_the_eager_tokens_and_logits_on_a_gpu(tiny_checkpoints, family):
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu_check.sh runs these)")
+
+
+@needs_cuda
+@settings(max_examples=25, deadline=None)
+@given(decode_batches())
+def test_triton_decode_on_a_gpu_matches_the_padded_reference(case):
+    """The Triton kernel compiled for the GPU (where TRITON_INTERPRET=0) on CUDA tensors, against the CPU reference."""
+    block_size, num_kv_heads, group, head_dim, lens, window, seed = case
+    q, key_cache, value_cache, tables, pad_slot = make_case(block_size, num_kv_heads, group, head_dim, lens, seed)
+    _, expected = attend("padded", q, key_cache, value_cache, tables, lens, block_size, window, pad_slot)
+    cuda = [t.cuda() for t in (q, key_cache, value_cache, tables)]
+    metadata, out = attend("triton", *cuda, lens, block_size, window, pad_slot)
+    assert isinstance(metadata, TritonDecodeMetadata) and out.is_cuda
+    torch.testing.assert_close(out.cpu(), expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_cuda
+@pytest.mark.parametrize(
+    "family, options",
+    [
+        ("llama", {}),
+        ("mistral", {}),
+        ("llama_tied", {}),
+        ("qwen2", {}),
+        ("llama3", {"kv_cache_memory_gib": preempting_cache_gib(2), "max_num_batched_tokens": 16}),  # preempts, chunks
+        ("llama3", {"quantization": "int4"}),
+        ("llama3", {"quantization": "int8"}),
+    ],
+    ids=["llama", "mistral", "llama_tied", "qwen2", "llama3-preempted-chunked", "llama3-int4", "llama3-int8"],
+)
+def test_cuda_graph_decode_gives_the_eager_tokens_and_logits_on_a_gpu(tiny_checkpoints, family, options):
     directory, _ = tiny_checkpoints(family)
-    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (3, 17, 9, 24, 12)]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (3, 17, 9, 24, 12)]  # join and leave
     results = {}
     for eager in (True, False):
-        with Engine.from_pretrained(directory, device="cuda", dtype="float32", max_num_seqs=6, enforce_eager=eager, model_runner_cls=Recorder) as engine:
+        with Engine.from_pretrained(
+            directory, device="cuda", dtype="float32", max_num_seqs=6, enforce_eager=eager, model_runner_cls=Recorder, **options
+        ) as engine:
             outputs = engine.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
             runner = engine.executor.worker.model_runner
             assert (runner.decode_graphs is None) == eager
             results[eager] = ([o.token_ids for o in outputs], runner.logits)
+            assert ("kv_cache_memory_gib" in options) == (engine.generator.scheduler.stats.preemptions > 0)
     assert results[True][0] == results[False][0]
     for seq_id, rows in results[True][1].items():
         torch.testing.assert_close(torch.stack(results[False][1][seq_id]), torch.stack(rows), atol=1e-4, rtol=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_cuda
 def test_device_cuda_without_an_index_and_the_cpu_give_the_same_tokens(tiny_checkpoints):
     directory, _ = tiny_checkpoints("llama")
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
@@ -226,7 +267,6 @@ def test_compiled_cpu_decode_gives_the_eager_tokens_and_logits(tiny_checkpoints,
     leaving) against eager ones, with preemption and chunked prefill in the compiled run."""
     directory, _ = tiny_checkpoints(family)
     expected_tokens, expected_logits, _ = run(directory, Recorder)
-    bytes_per_block = 4 * 16 * 2 * 16 * 2 * 4  # layers * block * (k,v) * head_dim * kv_heads * float32
     with Engine.from_pretrained(
         directory, dtype="float32", block_size=16, max_num_seqs=6, model_runner_cls=Recorder, compile_decode=True
     ) as engine:
@@ -245,11 +285,12 @@ def test_compiled_cpu_decode_gives_the_eager_tokens_and_logits(tiny_checkpoints,
         # One at a time: batch 1 replays the batch-1 graph.
         single = engine.generate([{"prompt_token_ids": PROMPTS[0]}], params[1])[0]
         assert single.token_ids[:3] == expected_tokens[0] and len(single.token_ids) == 17
-    if family == "llama3":  # preemption (a cache of 9 blocks) and chunked prefill, compiled
+    if family == "llama3":  # preemption and chunked prefill, compiled
+        stats: dict = {}
         tokens, _, _ = run(
-            directory, Recorder, compile_decode=True, kv_cache_memory_gib=9 * bytes_per_block / 2**30, max_num_batched_tokens=16
+            directory, Recorder, stats, compile_decode=True, kv_cache_memory_gib=preempting_cache_gib(2), max_num_batched_tokens=16
         )
-        assert tokens == expected_tokens
+        assert tokens == expected_tokens and stats["preemptions"] > 0
 
 
 def test_a_second_start_loads_the_compiled_decode_graphs_from_disk(tiny_checkpoints, tmp_path, monkeypatch, caplog):
