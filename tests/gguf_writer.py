@@ -28,11 +28,49 @@ def llama_cpp_permute(weights: np.ndarray, num_heads: int) -> np.ndarray:
     return weights.reshape(num_heads, 2, weights.shape[0] // num_heads // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
 
 
-def write_gguf(path: str, hf_model, qtype_name: str, arch: str = "llama") -> dict[str, torch.Tensor]:
-    """Write `hf_model` to `path`, its matrices as `qtype_name`; returns the HF state dict as the file
-    holds it (each matrix quantized and dequantized), to load into the reference."""
+def quantize_q4_k(values: np.ndarray) -> np.ndarray:
+    """float32 [rows, cols (a multiple of 256)] as GGUF Q4_K blocks, [rows, cols // 256 * 144] uint8 (the `gguf`
+    package reads this type but cannot write it). Per block of 256: float16 d and dmin, then each group of 32's
+    6-bit scale sc and minimum m packed in 12 bytes as llama.cpp packs them, then the 4-bit values q, so that
+    w = d sc q - dmin m. Plain min/max rounding: a valid file, not llama.cpp's best one."""
+    rows, cols = values.shape
+    blocks = cols // 256
+    x = values.reshape(rows, blocks, 8, 32).astype(np.float32)
+    minimum = -np.minimum(x.min(-1), 0)  # [rows, blocks, 8]: w = step q - minimum
+    step = (x.max(-1) + minimum) / 15
+    d = (step.max(-1) / 63).astype(np.float16)
+    dmin = (minimum.max(-1) / 63).astype(np.float16)
+
+    def sixbit(value, unit):
+        unit = unit.astype(np.float32)[..., None]
+        return np.clip(np.rint(np.divide(value, unit, out=np.zeros_like(value), where=unit > 0)), 0, 63).astype(np.uint8)
+
+    sc, m = sixbit(step, d), sixbit(minimum, dmin)
+    scale = d.astype(np.float32)[..., None] * sc
+    offset = dmin.astype(np.float32)[..., None] * m
+    shifted, unit = x + offset[..., None], np.broadcast_to(scale[..., None], x.shape)
+    q = np.clip(np.rint(np.divide(shifted, unit, out=np.zeros_like(x), where=unit > 0)), 0, 15).astype(np.uint8)
+    packed_scales = np.concatenate(
+        [
+            (sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6),
+            (m[..., :4] & 63) | ((m[..., 4:] >> 4) << 6),
+            (sc[..., 4:] & 15) | ((m[..., 4:] & 15) << 4),
+        ],
+        axis=-1,
+    )  # fmt: skip
+    nibbles = q.reshape(rows, blocks, 4, 2, 32)  # per 64 values: the first 32 in low nibbles, the next 32 in high
+    packed_values = (nibbles[..., 0, :] | (nibbles[..., 1, :] << 4)).reshape(rows, blocks, 128)
+    halves = np.stack([d, dmin], axis=-1).view(np.uint8).reshape(rows, blocks, 4)
+    return np.concatenate([halves, packed_scales, packed_values], axis=-1).reshape(rows, blocks * 144)
+
+
+def write_gguf(
+    path: str, hf_model, qtype_name: str, arch: str = "llama", overrides: dict[str, str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Write `hf_model` to `path`, its matrices as `qtype_name` (those whose GGUF name ends with a key of
+    `overrides` as its value, as llama.cpp's mixes do); returns the HF state dict as the file holds it (each
+    matrix quantized and dequantized), to load into the reference."""
     cfg = hf_model.config
-    qtype = gguf.GGMLQuantizationType[qtype_name]
     writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_context_length(cfg.max_position_embeddings)
@@ -62,7 +100,9 @@ def write_gguf(path: str, hf_model, qtype_name: str, arch: str = "llama") -> dic
             heads = cfg.num_attention_heads if "attn_q" in name else cfg.num_key_value_heads
             stored = llama_cpp_permute(values, heads)
         if values.ndim == 2:
-            data = quantize(stored, qtype)
+            matrix_type = next((t for suffix, t in (overrides or {}).items() if name.endswith(suffix)), qtype_name)
+            qtype = gguf.GGMLQuantizationType[matrix_type]
+            data = quantize_q4_k(stored) if matrix_type == "Q4_K" else quantize(stored, qtype)
             writer.add_tensor(name, data, raw_dtype=qtype)
             roundtrip = dequantize(data, qtype).reshape(values.shape)
             if stored is not values:  # undo the permutation for the reference

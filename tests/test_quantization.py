@@ -26,6 +26,7 @@ from chat_core.layers.weight_kernels import Int4Kernel, Int8Kernel
 from chat_core.models.llama import LlamaForCausalLM
 from chat_core.quantization import QuantizationPlan
 from native_marks import needs_native_kernels
+from tiny_models import make_tiny_checkpoint
 
 CPU = torch.device("cpu")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -244,13 +245,17 @@ def test_int4_groups_may_not_straddle_a_tensor_parallel_split():
     assert layer.method.group_size == 32
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K"])
 def test_gguf_q4_tensors_are_repacked_not_requantized(tmp_path, tiny_checkpoints, qtype):
     import numpy as np
     from gguf.quants import dequantize
 
     path = str(tmp_path / f"tiny-{qtype}.gguf")
-    write_gguf(path, tiny_checkpoints("llama_tied")[1], qtype)
+    if qtype == "Q4_K":  # blocks of 256 inputs
+        model = make_tiny_checkpoint(str(tmp_path / "wide"), "llama_tied", hidden_size=256, intermediate_size=512)
+    else:
+        model = tiny_checkpoints("llama_tied")[1]
+    write_gguf(path, model, qtype)
     checkpoint = open_checkpoint(path)
     tensor = dict(checkpoint.tensors())["model.layers.1.mlp.down_proj.weight"]
     groups = tensor.read_int4_groups(None)
@@ -258,17 +263,18 @@ def test_gguf_q4_tensors_are_repacked_not_requantized(tmp_path, tiny_checkpoints
     expected = torch.from_numpy(np.ascontiguousarray(expected))
     if qtype == "Q4_0":  # w = d (q - 8): the same float operations as gguf's
         assert torch.equal(groups.dequantize(), expected)
-    else:  # gguf computes d q + m, we d (q - 8) + (m + 8 d): equal up to float32 rounding
+    else:  # gguf computes d q + m (Q4_K: d sc q - dmin m), we d (q - 8) + (m + 8 d): equal up to float32 rounding
         torch.testing.assert_close(groups.dequantize(), expected, atol=0, rtol=2**-22)
     kernel = Int4Kernel(CPU, compute_dtype=torch.float32)
     packed = kernel.pack(groups)
     rows = torch.arange(tensor.shape[0])
-    if kernel.native:  # scale q + low, float16 as stored: gguf's own arithmetic (d q + m), bit for bit
-        assert packed.scales_and_zeros.dtype == torch.float16
+    if kernel.native:  # scale q + low, as stored: gguf's own arithmetic (d q + m), bit for bit
+        # Q4_0/Q4_1's float16 numbers stay float16; Q4_K's products d sc and dmin m need float32.
+        assert packed.scales_and_zeros.dtype == (torch.float32 if qtype == "Q4_K" else torch.float16)
         assert torch.equal(kernel.read_rows(packed, rows, torch.float32), expected)
     else:
         assert torch.equal(kernel.read_rows(packed, rows, torch.float32), groups.dequantize())
-    # Slices along either dimension read the same groups as the whole.
+    # Slices along either dimension read the same groups as the whole (Q4_K: also inside its blocks of 256).
     top = tensor.read_int4_groups(0, 8, 16)
     assert torch.equal(top.q, groups.q[8:24]) and torch.equal(top.scale, groups.scale[8:24])
     right = tensor.read_int4_groups(1, 32, 64)

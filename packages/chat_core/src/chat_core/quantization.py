@@ -31,7 +31,7 @@ from chat_core.layers.weight_formats import INT4_GROUP_SIZES
 from chat_core.layers.weight_kernels import native_available
 
 QUANTIZATIONS = ("auto", "none", "int8", "int4", "gguf")
-GGUF_INT4_TYPES = ("Q4_0", "Q4_1")  # 4-bit groups of 32: exactly what the int4 kernels take
+GGUF_INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # 4-bit groups of 32: exactly what the int4 kernels take
 GGUF_INT8_TYPES = ("Q8_0",)  # int8 with a scale per 32 inputs: what the native int8 kernel takes
 # Measured on SmolLM2 (benchmarks/bench_quality.py): groups of 64 or 128 cost far more accuracy than 32
 # (perplexity 16.5 -> 24-29) for a few percent of speed.

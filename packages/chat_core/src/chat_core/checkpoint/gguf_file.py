@@ -17,8 +17,10 @@ from chat_core.layers.weight_formats import INT8_GROUP_SIZE, Int4Groups, Int8Gro
 
 # Block-quantized types keep each row of a weight as whole blocks, so a slice of rows reads only those rows.
 SUPPORTED_GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
-# Types that are 4-bit groups of 32 with a scale and a zero, readable as `Int4Groups` as they are stored.
-INT4_GROUP_TYPES = ("Q4_0", "Q4_1")
+# Types that are 4-bit groups of 32 with a scale and a zero, readable as `Int4Groups` as they are stored (Q4_K:
+# blocks of 256 holding 8 such groups, each with a 6-bit scale and minimum of the block's float16 d and dmin).
+INT4_GROUP_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+INT4_GROUP_SIZE = 32
 
 
 class GGUFFile:
@@ -112,6 +114,33 @@ def _plain_array_reader() -> type:
     return PlainArrayGGUFReader
 
 
+def _q4_k_groups(raw: np.ndarray) -> Int4Groups:
+    """Q4_K blocks [rows, blocks * 144 bytes] as groups of 32: w = (d sc) q - (dmin m), sc and m the group's 6-bit
+    scale and minimum (unpacked by `gguf`), each product exact in float32, as `gguf` dequantizes them."""
+    from gguf.quants import Q4_K
+
+    rows = raw.shape[0]
+    blocks = raw.reshape(-1, 144)  # d, dmin (float16), 12 bytes of scales and minima, 128 bytes of 4-bit values
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # [blocks, 1]
+    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    sc, m = Q4_K.get_scale_min(blocks[:, 4:16].copy())  # [blocks, 8] each
+    scale = (d * sc.astype(np.float32)).reshape(rows, -1)  # [rows, groups]
+    low = -(dmin * m.astype(np.float32)).reshape(rows, -1)  # the value of q = 0
+    packed = blocks[:, 16:].reshape(-1, 4, 1, 32)  # 4 x 32 bytes: values j (low nibbles), then j + 32 (high)
+    q = np.concatenate([packed & 0x0F, packed >> 4], axis=2).reshape(rows, -1)
+    return Int4Groups(torch.from_numpy(q), torch.from_numpy(scale), torch.from_numpy(low + 8 * scale), INT4_GROUP_SIZE, torch.from_numpy(low))
+
+
+def _column_groups(groups: Int4Groups, start: int, length: int) -> Int4Groups:
+    """Columns start..start+length of `groups` (on group boundaries)."""
+    first, count = start // groups.group_size, length // groups.group_size
+    low = None if groups.low is None else groups.low[:, first : first + count].contiguous()
+    return Int4Groups(
+        groups.q[:, start : start + length].contiguous(), groups.scale[:, first : first + count].contiguous(),
+        groups.zero[:, first : first + count].contiguous(), groups.group_size, low,
+    )  # fmt: skip
+
+
 class GGUFTensor:
     """One tensor of a GGUF file, in PyTorch's layout (rows = output features), read lazily.
 
@@ -154,10 +183,19 @@ class GGUFTensor:
         return self._rows(slice(None)).narrow(dim, start, length)
 
     def read_int4_groups(self, dim: int | None, start: int = 0, length: int | None = None, group_size: int = 32) -> Int4Groups | None:
-        """The slice as stored, for a Q4_0/Q4_1 matrix read in groups of 32; None for any other type or group size."""
-        if self.type_name not in INT4_GROUP_TYPES or group_size != self._block_size:
+        """The slice as stored, for a Q4_0/Q4_1/Q4_K matrix read in groups of 32; None for any other type or group
+        size, or a column slice that cuts the file's blocks."""
+        if self.type_name not in INT4_GROUP_TYPES or group_size != INT4_GROUP_SIZE:
             return None
         raw = self._raw_slice(dim, start, length)
+        if self.type_name == "Q4_K":
+            if raw is None and dim == 1 and len(self.shape) == 2:  # groups inside the file's blocks of 256 (a rank's
+                length = self.shape[1] - start if length is None else length  # columns): whole rows, then the slice
+                if start % INT4_GROUP_SIZE or length % INT4_GROUP_SIZE:
+                    return None
+                whole = _q4_k_groups(np.ascontiguousarray(self._raw_rows(slice(None))))
+                return _column_groups(whole, start, length)
+            return None if raw is None else _q4_k_groups(np.ascontiguousarray(raw))
         if raw is None:
             return None
         rows = raw.shape[0]
@@ -166,10 +204,10 @@ class GGUFTensor:
         packed = blocks[..., 4:] if self.type_name == "Q4_1" else blocks[..., 2:]
         q = np.concatenate([packed & 0x0F, packed >> 4], axis=-1).reshape(rows, -1)  # value j, then j + 16
         if self.type_name == "Q4_1":  # w = d q + m = d (q - 8) + (m + 8 d)
-            zero = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) + 8 * d
-        else:  # w = d (q - 8)
-            zero = np.zeros_like(d)
-        return Int4Groups(torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(zero), group_size)
+            low = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+            return Int4Groups(torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(low + 8 * d), group_size, torch.from_numpy(low))
+        # w = d (q - 8)
+        return Int4Groups(torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(np.zeros_like(d)), group_size)
 
     def read_int8_groups(self, dim: int | None, start: int = 0, length: int | None = None) -> Int8Groups | None:
         """The slice as stored, for a Q8_0 matrix (int8 values, a scale per 32); None for any other type."""

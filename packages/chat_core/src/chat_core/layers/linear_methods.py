@@ -268,8 +268,9 @@ class Int4Method(LinearMethod):
 
     def finish(self, layer) -> None:
         parts = _staged_slices(layer, "int4")
+        low = _joined([p.low for p in parts]) if all(p.low is not None for p in parts) else None
         whole = Int4Groups(
-            _joined([p.q for p in parts]), _joined([p.scale for p in parts]), _joined([p.zero for p in parts]), self.group_size
+            _joined([p.q for p in parts]), _joined([p.scale for p in parts]), _joined([p.zero for p in parts]), self.group_size, low
         )
         packed = self.kernel.pack(whole)
         layer.packed_int4 = packed

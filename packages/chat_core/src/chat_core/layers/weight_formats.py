@@ -46,13 +46,17 @@ class Int4Groups:
     scale: torch.Tensor  # [rows, cols // group_size] float32
     zero: torch.Tensor  # [rows, cols // group_size] float32: the value of q = 8
     group_size: int
+    # The value of q = 0, where the source stores it (GGUF's minima): kernels that take w = scale q + low use it as
+    # it is, rather than zero - 8 scale, which float32 may round differently.
+    low: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         rows, cols = self.q.shape
-        if cols % self.group_size or self.scale.shape != (rows, cols // self.group_size) or self.zero.shape != self.scale.shape:
+        shapes_fit = self.scale.shape == (rows, cols // self.group_size) and self.zero.shape == self.scale.shape
+        if cols % self.group_size or not shapes_fit or (self.low is not None and self.low.shape != self.scale.shape):
             raise ValueError(
-                f"Int4Groups: q {tuple(self.q.shape)}, scale {tuple(self.scale.shape)} and zero "
-                f"{tuple(self.zero.shape)} do not fit group_size={self.group_size}"
+                f"Int4Groups: q {tuple(self.q.shape)}, scale {tuple(self.scale.shape)}, zero {tuple(self.zero.shape)} "
+                f"and low {None if self.low is None else tuple(self.low.shape)} do not fit group_size={self.group_size}"
             )
 
     def dequantize(self) -> torch.Tensor:
@@ -61,8 +65,9 @@ class Int4Groups:
         return (self.scale.unsqueeze(-1) * groups + self.zero.unsqueeze(-1)).view(rows, cols)
 
     def narrow_rows(self, start: int, length: int) -> Int4Groups:
+        low = None if self.low is None else self.low.narrow(0, start, length)
         return Int4Groups(
-            self.q.narrow(0, start, length), self.scale.narrow(0, start, length), self.zero.narrow(0, start, length), self.group_size
+            self.q.narrow(0, start, length), self.scale.narrow(0, start, length), self.zero.narrow(0, start, length), self.group_size, low
         )
 
 

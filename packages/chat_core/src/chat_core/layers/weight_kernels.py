@@ -56,11 +56,12 @@ class Int4Kernel:
         rows, cols = groups.q.shape
         padded = -(-rows // self.row_multiple) * self.row_multiple
         q, scale, zero = groups.q, groups.scale, groups.zero
+        low = groups.low if groups.low is not None else zero - 8 * scale
         if padded != rows:  # zero rows: their outputs are sliced away
             q = F.pad(q, (0, 0, 0, padded - rows))
-            scale, zero = F.pad(scale, (0, 0, 0, padded - rows)), F.pad(zero, (0, 0, 0, padded - rows))
+            scale, zero, low = (F.pad(t, (0, 0, 0, padded - rows)) for t in (scale, zero, low))
         if self.native:  # w = scale (q - 8) + zero = scale q + low
-            scale_low = torch.stack((scale.t(), (zero - 8 * scale).t())).float()
+            scale_low = torch.stack((scale.t(), low.t())).float()
             halves = scale_low.half()  # GGUF's scales and minima are float16: half the bytes, read every step
             if torch.equal(halves.float(), scale_low):
                 scale_low = halves
