@@ -8,6 +8,8 @@ import time
 
 import psutil
 import pytest
+from gguf_writer import write_gguf
+from tiny_models import make_tiny_checkpoint
 
 from chat_core import Engine, SamplingParams
 
@@ -28,12 +30,13 @@ def reference(mistral_dir):
         return engine.generate(PROMPTS, PARAMS), engine.generate(PROMPTS, SEEDED)
 
 
-def assert_same_generation(outputs, expected):
+def assert_same_generation(outputs, expected, tolerance: float = 1e-5):
+    """The same tokens and top-5 candidates, log-probs within `tolerance` (float32 sums split over ranks)."""
     for ours, theirs in zip(outputs, expected):
         assert ours.token_ids == theirs.token_ids
         for a, b in zip(ours.outputs[0].top_logprobs or [], theirs.outputs[0].top_logprobs or []):
             assert [x.token_id for x in a] == [x.token_id for x in b]
-            assert [x.logprob for x in a] == pytest.approx([x.logprob for x in b], abs=1e-5)
+            assert [x.logprob for x in a] == pytest.approx([x.logprob for x in b], abs=tolerance)
 
 
 
@@ -83,6 +86,21 @@ def test_smollm2_tensor_parallel_3_and_pipeline_2_answer_like_one_process(smollm
     for tp, pp in splits:
         with Engine.from_pretrained(smollm2_path, tensor_parallel_size=tp, pipeline_parallel_size=pp, **weights) as engine:
             assert [o.token_ids for o in engine.generate(prompts, params)] == expected
+    assert not left_behind()
+
+
+def test_a_q4_k_gguf_split_inside_its_blocks_answers_like_one_process(tmp_path, left_behind):
+    """Q4_K stores blocks of 256 inputs; under tp=2 the row-parallel o_proj gives each rank 128 of them (groups
+    of 32 read from inside the blocks), down_proj 256. Exact kernels: the same answers as one process (log-probs
+    within 1e-4: sums over 256-512 inputs, split in two)."""
+    model = make_tiny_checkpoint(str(tmp_path / "wide"), "llama_tied", hidden_size=256, intermediate_size=512)
+    path = str(tmp_path / "wide-q4_k.gguf")
+    write_gguf(path, model, "Q4_K")
+    options = {"quantization_compute_dtype": "float32", "block_size": 4}
+    with Engine.from_pretrained(path, **options) as single:
+        expected = single.generate(PROMPTS, PARAMS)
+    with Engine.from_pretrained(path, tensor_parallel_size=2, **options) as engine:
+        assert_same_generation(engine.generate(PROMPTS, PARAMS), expected, tolerance=1e-4)
     assert not left_behind()
 
 
