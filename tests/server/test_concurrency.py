@@ -7,7 +7,7 @@ import asyncio
 from chat_core import Engine, SamplingParams
 
 NUM_CLIENTS = 32
-MAX_TOKENS = 24
+MAX_TOKENS = 48  # long enough that the 32 requests overlap however fast steps are
 
 
 def conversation(i: int) -> list[dict[str, str]]:

@@ -8,8 +8,7 @@ import json
 import os
 import signal
 import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import httpx
@@ -128,7 +127,9 @@ def test_overload_is_429_with_retry_after(make_server):
         first = pool.submit(chat, server.url)
         assert server.faults.entered.wait(timeout=30)
         others = [pool.submit(chat, server.url) for _ in range(2)]
-        time.sleep(1.0)  # both reach the engine's queue while the step is stalled
+        # While the step is stalled one of them waits in the queue and the other is refused at once.
+        done, _ = wait(others, timeout=60, return_when=FIRST_COMPLETED)
+        assert done, "neither queued request was answered while the step stalled"
         server.faults.gate.set()
         responses = [first.result(), *(f.result() for f in others)]
     assert sorted(r.status_code for r in responses) == [200, 200, 429]
