@@ -64,6 +64,31 @@ def quantize_q4_k(values: np.ndarray) -> np.ndarray:
     return np.concatenate([halves, packed_scales, packed_values], axis=-1).reshape(rows, blocks * 144)
 
 
+def quantize_q6_k(values: np.ndarray) -> np.ndarray:
+    """float32 [rows, cols (a multiple of 256)] as GGUF Q6_K blocks, [rows, cols // 256 * 210] uint8 (which `gguf`
+    reads but cannot write): per block of 256, the low 4 bits of each 6-bit value (128 bytes), the high 2 bits
+    (64 bytes), an int8 scale per 16 values and a float16 d, so that w = d sc (q - 32). Plain abs-max rounding."""
+    rows, cols = values.shape
+    blocks = cols // 256
+    x = values.reshape(rows, blocks, 16, 16).astype(np.float32)
+    step = np.abs(x).max(-1) / 31  # [rows, blocks, 16]
+    d = (step.max(-1) / 127).astype(np.float16)
+    unit = d.astype(np.float32)[..., None]
+    sc = np.clip(np.rint(np.divide(step, unit, out=np.zeros_like(step), where=unit > 0)), 0, 127).astype(np.int8)
+    scale = np.broadcast_to((unit * sc)[..., None], x.shape)
+    q = np.clip(np.rint(np.divide(x, scale, out=np.zeros_like(x), where=scale > 0)), -32, 31).astype(np.int16) + 32
+    halves = q.astype(np.uint8).reshape(rows, blocks, 2, 128)  # each half of a block: 128 values
+    low, high = halves & 0x0F, halves >> 4
+    low_bytes = (low[..., :64] | (low[..., 64:] << 4)).reshape(rows, blocks, 128)  # value j and j + 64 of a half
+    high = high.reshape(rows, blocks, 2, 4, 32)  # value j + 32 s of a half: bits 2s of byte j
+    high_bytes = (high[..., 0, :] | (high[..., 1, :] << 2) | (high[..., 2, :] << 4) | (high[..., 3, :] << 6)).reshape(rows, blocks, 64)
+    parts = [low_bytes, high_bytes, sc.view(np.uint8), d.view(np.uint8).reshape(rows, blocks, 2)]
+    return np.concatenate(parts, axis=-1).reshape(rows, blocks * 210)
+
+
+WRITERS = {"Q4_K": quantize_q4_k, "Q6_K": quantize_q6_k}  # the types `gguf` cannot write
+
+
 def write_gguf(
     path: str, hf_model, qtype_name: str, arch: str = "llama", overrides: dict[str, str] | None = None
 ) -> dict[str, torch.Tensor]:
@@ -102,7 +127,7 @@ def write_gguf(
         if values.ndim == 2:
             matrix_type = next((t for suffix, t in (overrides or {}).items() if name.endswith(suffix)), qtype_name)
             qtype = gguf.GGMLQuantizationType[matrix_type]
-            data = quantize_q4_k(stored) if matrix_type == "Q4_K" else quantize(stored, qtype)
+            data = WRITERS[matrix_type](stored) if matrix_type in WRITERS else quantize(stored, qtype)
             writer.add_tensor(name, data, raw_dtype=qtype)
             roundtrip = dequantize(data, qtype).reshape(values.shape)
             if stored is not values:  # undo the permutation for the reference

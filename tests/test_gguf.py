@@ -15,7 +15,7 @@ from tiny_models import make_tiny_checkpoint
 from chat_core import Engine, SamplingParams, open_checkpoint
 from chat_core.layers import native_kernels
 
-QTYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K"]
+QTYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q6_K"]
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +23,11 @@ def tiny_llama(tiny_checkpoints):
     return tiny_checkpoints("llama_tied")[1]
 
 
-# Dequantized at load, and (for Q4_0/Q4_1/Q4_K) kept packed as int4 and multiplied exactly (float32 kernels).
+# Dequantized at load, and (for Q4_0/Q4_1/Q4_K, and Q6_K with the native kernels) kept packed as int4 and multiplied exactly (float32 kernels).
 PATHS = {"dequantized": {"quantization": None}, "kept-quantized": {"quantization": "gguf", "quantization_compute_dtype": "float32"}}
 
 
-CASES = [(qtype, "dequantized") for qtype in QTYPES] + [(qtype, "kept-quantized") for qtype in ("Q4_0", "Q4_1", "Q4_K")]
+CASES = [(qtype, "dequantized") for qtype in QTYPES] + [(qtype, "kept-quantized") for qtype in ("Q4_0", "Q4_1", "Q4_K", "Q6_K")]
 
 
 @pytest.fixture(scope="module")
@@ -44,18 +44,17 @@ def test_gguf_types_load_and_match_transformers_on_the_same_weights(tmp_path, re
     assert_answers_as_transformers(path, model, stored, PATHS[path_name], wide=qtype.endswith("_K"))
 
 
-def test_a_mix_of_k_quants_and_q8_0_keeps_each_layer_as_stored_where_a_kernel_takes_it(tmp_path, wide_llama):
-    """As llama.cpp's Q4_K_M mixes (v and down projections in more bits; there Q6_K, which `gguf` cannot write):
-    Q4_K layers stay 4-bit, Q8_0 ones 8-bit where the native kernels run, and a fused layer of mixed types is
-    dequantized."""
-    path = str(tmp_path / "tiny-q4_k-mix.gguf")
-    stored = write_gguf(path, wide_llama, "Q4_K", overrides={"attn_v.weight": "Q8_0", "ffn_down.weight": "Q8_0"})
+def test_a_q4_k_m_mix_keeps_each_layer_as_stored_where_a_kernel_takes_it(tmp_path, wide_llama):
+    """As llama.cpp's Q4_K_M mixes types (v and down projections in Q6_K): Q4_K layers stay 4-bit, Q6_K ones
+    8-bit where the native kernels run, and a fused layer of mixed types is dequantized."""
+    path = str(tmp_path / "tiny-q4_k_m.gguf")
+    stored = write_gguf(path, wide_llama, "Q4_K", overrides={"attn_v.weight": "Q6_K", "ffn_down.weight": "Q6_K"})
     engine_layers = assert_answers_as_transformers(path, wide_llama, stored, {}, wide=True)
     native = native_kernels.available()
     for layer in engine_layers:
         assert layer.mlp.gate_up_proj.method.name == "int4" and layer.self_attn.o_proj.method.name == "int4"
-        assert layer.mlp.down_proj.method.name == ("q8_0" if native else "dense")
-        assert layer.self_attn.qkv_proj.method.name == "dense"  # q and k Q4_K, v Q8_0: one fused weight
+        assert layer.mlp.down_proj.method.name == ("q6_k" if native else "dense")
+        assert layer.self_attn.qkv_proj.method.name == "dense"  # q and k Q4_K, v Q6_K: one fused weight
 
 
 def assert_answers_as_transformers(path: str, model, stored: dict, options: dict, wide: bool = False):

@@ -8,6 +8,7 @@ import torch
 
 from chat_core import Engine, SamplingParams
 from decode_cases import PROMPTS, Recorder
+from gguf_writer import write_gguf
 from native_marks import needs_native_kernels
 from tiny_models import make_tiny_checkpoint
 
@@ -88,6 +89,19 @@ def test_bfloat16_models_are_recorded_in_float32_and_land_closer_to_the_float32_
     )
     scale = max(float(row.abs().max()) for rows in float32_logits.values() for row in rows)
     assert recorded_error < eager_error and recorded_error < 0.05 * scale, (recorded_error, eager_error, scale)
+
+
+def test_k_quants_decode_through_the_recorded_step_with_the_eager_bits(tmp_path):
+    """GGUF Q4_K layers (int4 groups with float32 scales) and Q6_K ones (int8 groups of 16), a Q6_K tied
+    embedding: every decode step replayed gives the eager step's logits bit for bit."""
+    model = make_tiny_checkpoint(str(tmp_path / "wide"), "llama_tied", vocab_size=384, hidden_size=256, intermediate_size=512)
+    path = str(tmp_path / "k-quants.gguf")
+    write_gguf(path, model, "Q4_K", overrides={"ffn_down.weight": "Q6_K", "token_embd.weight": "Q6_K"})
+    expected_tokens, expected_logits, none = run(path, enforce_eager=True)
+    tokens, logits, native = run(path)
+    assert none is None and native is not None and native.steps > 0
+    assert tokens == expected_tokens
+    assert_same_bits(logits, expected_logits)
 
 
 def test_recorded_decode_with_a_sliding_window_under_preemption_and_chunked_prefill(tmp_path):

@@ -103,25 +103,25 @@ def test_the_int4_kernel_multiplies_by_the_stored_weights_and_reads_rows_back(ou
 @given(
     rows=st.integers(1, 150),
     groups=st.integers(1, 5),
-    per_group=st.booleans(),
+    group=st.sampled_from([0, 32, 16]),
     compute=st.sampled_from(list(DTYPES)),
     batch=st.integers(1, 9),
     seed=st.integers(0, 2**16),
 )
-def test_the_int8_kernel_multiplies_by_the_stored_weights_and_reads_rows_back(rows, groups, per_group, compute, batch, seed):
-    """Per row (quantized from floats) and per 32 inputs (GGUF Q8_0), through the native kernel (float32) or
-    torch's (bfloat16; per row only); rows read back are exactly q x scale."""
+def test_the_int8_kernel_multiplies_by_the_stored_weights_and_reads_rows_back(rows, groups, group, compute, batch, seed):
+    """Per row (group 0: quantized from floats) and per 32 or 16 inputs (GGUF Q8_0, Q6_K), through the native
+    kernel (float32) or torch's (bfloat16; per row only); rows read back are exactly q x scale."""
     generator = torch.Generator().manual_seed(seed)
     cols = 32 * groups
     kernel = Int8Kernel(CPU, compute_dtype=DTYPES[compute])
-    if per_group:
+    if group:
         if not kernel.supports_groups:
             with pytest.raises(ValueError, match="needs the native CPU kernel"):
-                kernel.pack(Int8Groups(torch.zeros(rows, cols, dtype=torch.int8), torch.ones(rows, groups)))
+                kernel.pack(Int8Groups(torch.zeros(rows, cols, dtype=torch.int8), torch.ones(rows, cols // group)))
             return
         quantized = Int8Groups(
             torch.randint(-128, 128, (rows, cols), dtype=torch.int8, generator=generator),
-            torch.rand(rows, groups, generator=generator).half().float(),  # GGUF's scales are float16
+            torch.rand(rows, cols // group, generator=generator).half().float(),  # GGUF's scales: float16 (times int8)
         )
     else:
         quantized = quantize_int8(random_weight(rows, cols + seed % 7, seed), round_to=DTYPES[compute])
@@ -152,6 +152,7 @@ def test_the_native_kernels_give_a_row_the_same_bits_whatever_it_is_batched_with
         (int4, int4.pack(quantize_int4(random_weight(rows, 96, seed), 32))),
         (int8, int8.pack(quantize_int8(random_weight(rows, 96, seed + 1)))),
         (int8, int8.pack(Int8Groups(torch.randint(-128, 128, (rows, 96), dtype=torch.int8, generator=generator), torch.rand(rows, 3)))),
+        (int8, int8.pack(Int8Groups(torch.randint(-32, 32, (rows, 96), dtype=torch.int8, generator=generator), torch.rand(rows, 6)))),
     ]
     products = [functools.partial(kernel.matmul, packed=weight) for kernel, weight in packed]
     blocks = -(-rows // 64) * 64
@@ -280,6 +281,32 @@ def test_gguf_q4_tensors_are_repacked_not_requantized(tmp_path, tiny_checkpoints
     right = tensor.read_int4_groups(1, 32, 64)
     assert torch.equal(right.q, groups.q[:, 32:96]) and torch.equal(right.zero, groups.zero[:, 1:3])
     assert tensor.read_int4_groups(1, 16, 32) is None  # not on a group boundary: not readable as groups
+
+
+def test_gguf_q6_k_tensors_are_kept_as_8_bit_groups_of_16_exactly(tmp_path):
+    import numpy as np
+    from gguf.quants import dequantize
+
+    path = str(tmp_path / "tiny-Q6_K.gguf")
+    write_gguf(path, make_tiny_checkpoint(str(tmp_path / "wide"), "llama_tied", hidden_size=256, intermediate_size=512), "Q6_K")
+    tensor = dict(open_checkpoint(path).tensors())["model.layers.1.mlp.down_proj.weight"]
+    groups = tensor.read_int8_groups(None)
+    expected = dequantize(np.ascontiguousarray(tensor._tensor.data), tensor._tensor.tensor_type).reshape(tensor.shape)
+    expected = torch.from_numpy(np.ascontiguousarray(expected))
+    assert groups.group_size == 16 and int(groups.q.min()) >= -32 and int(groups.q.max()) <= 31
+    assert torch.equal(groups.dequantize(), expected)  # (d sc) q: gguf's own float operations
+    kernel = Int8Kernel(CPU, compute_dtype=torch.float32)
+    if kernel.supports_groups:
+        packed = kernel.pack(groups)
+        assert torch.equal(kernel.read_rows(packed, torch.arange(tensor.shape[0]), torch.float32), expected)
+    # Slices: rows, whole blocks of 256 inputs, and groups inside them (a tensor-parallel rank's inputs).
+    top = tensor.read_int8_groups(0, 8, 16)
+    assert torch.equal(top.q, groups.q[8:24]) and torch.equal(top.scale, groups.scale[8:24])
+    for start, length in ((256, 256), (16, 32), (128, 128)):
+        part = tensor.read_int8_groups(1, start, length)
+        assert torch.equal(part.q, groups.q[:, start : start + length])
+        assert torch.equal(part.scale, groups.scale[:, start // 16 : (start + length) // 16])
+    assert tensor.read_int8_groups(1, 8, 16) is None  # not on a group boundary
 
 
 def all_position_logits(directory: str, tokens: list[int], plan: QuantizationPlan) -> torch.Tensor:

@@ -32,7 +32,7 @@ from chat_core.layers.weight_kernels import native_available
 
 QUANTIZATIONS = ("auto", "none", "int8", "int4", "gguf")
 GGUF_INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # 4-bit groups of 32: exactly what the int4 kernels take
-GGUF_INT8_TYPES = ("Q8_0",)  # int8 with a scale per 32 inputs: what the native int8 kernel takes
+GGUF_INT8_TYPES = ("Q8_0", "Q6_K")  # int8 with a scale per 32 (16) inputs: what the native int8 kernel takes
 # Measured on SmolLM2 (benchmarks/bench_quality.py): groups of 64 or 128 cost far more accuracy than 32
 # (perplexity 16.5 -> 24-29) for a few percent of speed.
 DEFAULT_INT4_GROUP_SIZE = 32
@@ -136,6 +136,6 @@ class QuantizationPlan:
             formats = {self.tensor_formats.get(name) for name in checkpoint_names}
             if formats <= set(GGUF_INT4_TYPES):
                 return Int4Method(self.dtype, self.device, 32, self.kernel_compute_dtype)
-            if formats <= set(GGUF_INT8_TYPES) and native_available(self.device, torch.float32):
-                return Int8GroupsMethod(self.dtype, self.device)
+            if len(formats) == 1 and formats <= set(GGUF_INT8_TYPES) and native_available(self.device, torch.float32):
+                return Int8GroupsMethod(self.dtype, self.device, stored_as=formats.pop())  # one group size
         return None

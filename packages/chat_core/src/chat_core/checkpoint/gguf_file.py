@@ -6,14 +6,15 @@ import functools
 import mmap
 import os
 import sys
+from collections.abc import Callable
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from chat_core.checkpoint.errors import CheckpointError
-from chat_core.layers.weight_formats import INT8_GROUP_SIZE, Int4Groups, Int8Groups
+from chat_core.layers.weight_formats import INT8_GROUP_SIZE, Q6_K_GROUP_SIZE, Int4Groups, Int8Groups
 
 # Block-quantized types keep each row of a weight as whole blocks, so a slice of rows reads only those rows.
 SUPPORTED_GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
@@ -21,6 +22,7 @@ SUPPORTED_GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q
 # blocks of 256 holding 8 such groups, each with a 6-bit scale and minimum of the block's float16 d and dmin).
 INT4_GROUP_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 INT4_GROUP_SIZE = 32
+Groups = TypeVar("Groups", Int4Groups, Int8Groups)
 
 
 class GGUFFile:
@@ -131,14 +133,17 @@ def _q4_k_groups(raw: np.ndarray) -> Int4Groups:
     return Int4Groups(torch.from_numpy(q), torch.from_numpy(scale), torch.from_numpy(low + 8 * scale), INT4_GROUP_SIZE, torch.from_numpy(low))
 
 
-def _column_groups(groups: Int4Groups, start: int, length: int) -> Int4Groups:
-    """Columns start..start+length of `groups` (on group boundaries)."""
-    first, count = start // groups.group_size, length // groups.group_size
-    low = None if groups.low is None else groups.low[:, first : first + count].contiguous()
-    return Int4Groups(
-        groups.q[:, start : start + length].contiguous(), groups.scale[:, first : first + count].contiguous(),
-        groups.zero[:, first : first + count].contiguous(), groups.group_size, low,
-    )  # fmt: skip
+def _q6_k_groups(raw: np.ndarray) -> Int8Groups:
+    """Q6_K blocks [rows, blocks * 210 bytes] as int8 groups of 16: w = (d sc) q, q = 6 bits - 32, sc an int8 per 16,
+    d the block's float16; the bits are unpacked and the scales multiplied as `gguf` dequantizes them."""
+    rows = raw.shape[0]
+    blocks = raw.reshape(-1, 210)  # 128 bytes of low 4 bits, 64 of high 2 bits, 16 int8 scales, float16 d
+    low_bits = (blocks[:, :128].reshape(-1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 0x0F
+    high_bits = (blocks[:, 128:192].reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 0x03
+    q = (low_bits.reshape(-1, 8, 32) | (high_bits.reshape(-1, 8, 32) << 4)).astype(np.int8) - np.int8(32)
+    d = blocks[:, 208:210].copy().view(np.float16).astype(np.float32)  # [blocks, 1]
+    scale = d * blocks[:, 192:208].copy().view(np.int8).astype(np.float32)  # [blocks, 16]
+    return Int8Groups(torch.from_numpy(q.reshape(rows, -1)), torch.from_numpy(scale.reshape(rows, -1)))
 
 
 class GGUFTensor:
@@ -187,15 +192,9 @@ class GGUFTensor:
         size, or a column slice that cuts the file's blocks."""
         if self.type_name not in INT4_GROUP_TYPES or group_size != INT4_GROUP_SIZE:
             return None
-        raw = self._raw_slice(dim, start, length)
         if self.type_name == "Q4_K":
-            if raw is None and dim == 1 and len(self.shape) == 2:  # groups inside the file's blocks of 256 (a rank's
-                length = self.shape[1] - start if length is None else length  # columns): whole rows, then the slice
-                if start % INT4_GROUP_SIZE or length % INT4_GROUP_SIZE:
-                    return None
-                whole = _q4_k_groups(np.ascontiguousarray(self._raw_rows(slice(None))))
-                return _column_groups(whole, start, length)
-            return None if raw is None else _q4_k_groups(np.ascontiguousarray(raw))
+            return self._k_quant_groups(dim, start, length, INT4_GROUP_SIZE, _q4_k_groups)
+        raw = self._raw_slice(dim, start, length)
         if raw is None:
             return None
         rows = raw.shape[0]
@@ -210,7 +209,10 @@ class GGUFTensor:
         return Int4Groups(torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(np.zeros_like(d)), group_size)
 
     def read_int8_groups(self, dim: int | None, start: int = 0, length: int | None = None) -> Int8Groups | None:
-        """The slice as stored, for a Q8_0 matrix (int8 values, a scale per 32); None for any other type."""
+        """The slice as stored, for a Q8_0 matrix (int8 values, a scale per 32) or a Q6_K one (6-bit values, a scale
+        per 16); None for any other type, or a column slice that cuts the groups."""
+        if self.type_name == "Q6_K":
+            return self._k_quant_groups(dim, start, length, Q6_K_GROUP_SIZE, _q6_k_groups)
         if self.type_name != "Q8_0":
             return None
         raw = self._raw_slice(dim, start, length)
@@ -221,6 +223,19 @@ class GGUFTensor:
         d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # [rows, groups]
         q = blocks[..., 2:].copy().view(np.int8).reshape(rows, -1)
         return Int8Groups(torch.from_numpy(q), torch.from_numpy(d))
+
+    def _k_quant_groups(self, dim: int | None, start: int, length: int | None, group: int, decode: Callable[[np.ndarray], Groups]) -> Groups | None:
+        """A K-quant slice decoded from its stored blocks of 256 by `decode`; a slice of columns inside the blocks
+        (a tensor-parallel rank's inputs) from whole rows, if it starts and ends on a group, else None."""
+        raw = self._raw_slice(dim, start, length)
+        if raw is not None:
+            return decode(np.ascontiguousarray(raw))
+        if dim != 1 or len(self.shape) != 2:
+            return None
+        length = self.shape[1] - start if length is None else length
+        if start % group or length % group:
+            return None
+        return decode(np.ascontiguousarray(self._raw_rows(slice(None)))).columns(start, length)
 
     def _raw_slice(self, dim: int | None, start: int, length: int | None) -> np.ndarray | None:
         """The stored blocks of a 2-d slice; None for a column slice that does not start and end on a block."""

@@ -25,7 +25,7 @@ from torch import nn
 
 from chat_core.checkpoint.tensor_source import TensorSource
 from chat_core.layers import cpu_gemm, native_kernels
-from chat_core.layers.weight_formats import INT4_GROUP_SIZES, INT8_GROUP_SIZE, Int4Groups, quantize_int4, quantize_int8
+from chat_core.layers.weight_formats import INT4_GROUP_SIZES, INT8_GROUP_SIZE, Q6_K_GROUP_SIZE, Int4Groups, quantize_int4, quantize_int8
 from chat_core.layers.weight_kernels import Int4Kernel, Int8Kernel, PackedInt4
 
 
@@ -194,28 +194,37 @@ class Int8Method(LinearMethod):
         return self.kernel.read_rows(layer.packed_int8, row_ids, self.dtype)
 
 
+GGUF_INT8_GROUP_SIZES = {"Q8_0": INT8_GROUP_SIZE, "Q6_K": Q6_K_GROUP_SIZE}  # stored types int8 groups take exactly
+
+
 class Int8GroupsMethod(Int8Method):
-    """8-bit weights with a scale per 32 inputs, read as a GGUF Q8_0 tensor stores them (not re-rounded) and
-    multiplied in float32 by the native CPU kernel: the same weights as the dequantized table, a quarter of
-    the memory. Only for checkpoint tensors stored so (`QuantizationPlan` sees to it)."""
+    """8-bit weights with a scale per group of inputs, read as a GGUF tensor stores them (not re-rounded): Q8_0
+    (groups of 32) or Q6_K (6-bit values, groups of 16), multiplied in float32 by the native CPU kernel: the
+    same weights as the dequantized table, a quarter of the memory. Only for checkpoint tensors stored so
+    (`QuantizationPlan` sees to it)."""
 
-    name = "q8_0"
-
-    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, dtype: torch.dtype, device: torch.device, stored_as: str = "Q8_0") -> None:
         super().__init__(dtype, device, torch.float32)
+        if stored_as not in GGUF_INT8_GROUP_SIZES:
+            raise ValueError(f"stored_as={stored_as!r}: expected one of {', '.join(GGUF_INT8_GROUP_SIZES)}")
+        self.stored_as, self.name = stored_as, stored_as.lower()
         if not self.kernel.supports_groups:
-            raise ValueError(f"Q8_0 weights kept as stored need the native CPU kernels, unavailable on {self.device}")
+            raise ValueError(f"{stored_as} weights kept as stored need the native CPU kernels, unavailable on {self.device}")
 
     def create_weights(self, layer, output_size, input_size) -> None:
-        if input_size % INT8_GROUP_SIZE:
-            raise ValueError(f"Q8_0 needs input features divisible by {INT8_GROUP_SIZE}; {layer.__class__.__name__} has {input_size}")
+        group = GGUF_INT8_GROUP_SIZES[self.stored_as]
+        if input_size % group:
+            raise ValueError(f"{self.stored_as} needs input features divisible by {group}; {layer.__class__.__name__} has {input_size}")
         super().create_weights(layer, output_size, input_size)
 
     def load(self, layer, source, dim, start, length, row_offset) -> None:
         read_groups = getattr(source, "read_int8_groups", None)
         groups = read_groups(dim, start, length) if read_groups is not None else None
-        if groups is None:
-            raise ValueError(f"{getattr(source, 'name', 'a tensor')} is not a Q8_0 tensor read on block boundaries; it cannot be kept as Q8_0")
+        if groups is None or getattr(source, "type_name", self.stored_as) != self.stored_as:
+            raise ValueError(
+                f"{getattr(source, 'name', 'a tensor')} is not a {self.stored_as} tensor read on its groups' boundaries; "
+                f"it cannot be kept as {self.stored_as}"
+            )
         layer.staging.append((row_offset, groups))
 
 

@@ -43,7 +43,6 @@ logger = logging.getLogger(__name__)
 SOURCES = tuple(Path(__file__).with_name("native") / name for name in ("quant_kernels.c", "decode_kernels.c"))
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp", "-shared", "-fPIC")
 LIBRARIES = ("-lm",)
-INT8_GROUP = 32  # inputs per scale of an 8-bit weight with group scales (GGUF Q8_0)
 INT4_BLOCK_ROWS = INT8_BLOCK_ROWS = BF16_BLOCK_ROWS = 64  # output rows per block of the three layouts
 
 
@@ -128,7 +127,7 @@ def _load(path: Path) -> ctypes.CDLL:
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     loaded.chat_int4_matmul.argtypes = [pointer] * 3 + [ctypes.c_int, pointer] + [size] * 4 + [ctypes.c_int]
     loaded.chat_int4_matmul.restype = ctypes.c_int
-    loaded.chat_int8_matmul.argtypes = [pointer] * 3 + [ctypes.c_int, pointer] + [size] * 3 + [ctypes.c_int]
+    loaded.chat_int8_matmul.argtypes = [pointer] * 3 + [size, pointer] + [size] * 3 + [ctypes.c_int]
     loaded.chat_int8_matmul.restype = ctypes.c_int
     loaded.chat_bf16_matmul.argtypes = [pointer] * 3 + [size] * 3 + [ctypes.c_int]
     loaded.chat_bf16_matmul.restype = ctypes.c_int
@@ -150,16 +149,16 @@ def _check(library: ctypes.CDLL) -> None:
         return q4.float() * scale + low
 
     q8 = torch.randint(-128, 128, (rows, cols), dtype=torch.int8, generator=generator)
-    group_scale = torch.rand(cols // INT8_GROUP, rows, generator=generator)
+    scales_per_32, scales_per_16 = (torch.rand(cols // group, rows, generator=generator) for group in (32, 16))
     row_scale = torch.rand(rows, generator=generator)
-    weight8 = q8.float() * group_scale.t().repeat_interleave(INT8_GROUP, 1)
     weight16 = torch.randn(rows, cols, generator=generator).bfloat16()
     for count in (1, 5):
         rows_x = x[:count].contiguous()
         checks = [
             (_int4(library, rows_x, pack_int4(q4), scale_low, 32), int4_weight(scale_low)),
             (_int4(library, rows_x, pack_int4(q4), scale_low.half(), 32), int4_weight(scale_low.half())),
-            (_int8(library, rows_x, pack_int8(q8), group_scale), weight8),
+            (_int8(library, rows_x, pack_int8(q8), scales_per_32), q8.float() * scales_per_32.t().repeat_interleave(32, 1)),
+            (_int8(library, rows_x, pack_int8(q8), scales_per_16), q8.float() * scales_per_16.t().repeat_interleave(16, 1)),
             (_int8(library, rows_x, pack_int8(q8), row_scale), q8.float() * row_scale.unsqueeze(1)),
             (_bf16(library, rows_x, pack_bf16(weight16)), weight16.float()),
         ]
@@ -229,9 +228,9 @@ def _int8(library: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, scale: to
     out_features = packed.shape[0]
     y = torch.empty(rows, out_features)
     if rows:
-        grouped = scale.dim() == 2  # [cols // 32, out]; else [out]: one scale per row
+        group = cols // scale.shape[0] if scale.dim() == 2 else 0  # [cols // group, out]; else [out]: one per row
         library.chat_int8_matmul(
-            x.data_ptr(), packed.data_ptr(), scale.data_ptr(), int(grouped), y.data_ptr(), rows, out_features, cols,
+            x.data_ptr(), packed.data_ptr(), scale.data_ptr(), group, y.data_ptr(), rows, out_features, cols,
             torch.get_num_threads(),
         )  # fmt: skip
     return y
@@ -255,8 +254,8 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale_low: torch.Tensor, 
 
 
 def int8_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [rows, cols] float32 @ W.T for a `pack_int8` weight q [out, cols] times `scale`: float32 [cols // 32, out]
-    (one scale per 32 inputs, GGUF Q8_0) or [out] (one per row) -> [rows, out]."""
+    """x [rows, cols] float32 @ W.T for a `pack_int8` weight q [out, cols] times `scale`: float32 [cols // group, out]
+    (one scale per `group` inputs: 32 for GGUF's Q8_0, 16 for Q6_K) or [out] (one per row) -> [rows, out]."""
     if torch.compiler.is_compiling():
         return torch.ops.chat_core.int8_mm(x, packed, scale)
     return _int8_op(x, packed, scale)

@@ -1,7 +1,8 @@
 """Weight-only quantization formats, as plain tensors: what a quantized weight *is*, not how it is multiplied.
 
 - `Int8Channels`: symmetric int8 with one scale per output row: w[n, k] = scale[n] * q[n, k].
-- `Int8Groups`: int8 with a scale per 32 inputs: w[n, k] = scale[n, k // 32] * q[n, k]: GGUF's Q8_0 as stored.
+- `Int8Groups`: int8 with a scale per group of inputs: w[n, k] = scale[n, k // group] * q[n, k]: GGUF's Q8_0 (groups
+  of 32) and Q6_K (6-bit values, groups of 16) as stored.
 - `Int4Groups`: 4-bit values in groups of `group_size` along the input: w[n, k] = scale[n, g] * (q[n, k] - 8) + zero[n, g]
   with g = k // group_size and q in 0..15 (the layout of torch's int4 kernels). GGUF's Q4_0 (zero = 0) and Q4_1
   (w = d q + m, so zero = m + 8 d) map onto it directly, so they are read into it without a round trip through floats.
@@ -19,6 +20,7 @@ import torch
 
 INT4_GROUP_SIZES = (32, 64, 128)
 INT8_GROUP_SIZE = 32  # GGUF Q8_0's block
+Q6_K_GROUP_SIZE = 16  # GGUF Q6_K's groups of one scale (16 to a block of 256)
 
 
 @dataclass(frozen=True)
@@ -33,11 +35,25 @@ class Int8Channels:
 @dataclass(frozen=True)
 class Int8Groups:
     q: torch.Tensor  # [rows, cols] int8
-    scale: torch.Tensor  # [rows, cols // INT8_GROUP_SIZE] float32
+    scale: torch.Tensor  # [rows, cols // group_size] float32: GGUF's Q8_0 (groups of 32) and Q6_K (16)
+
+    def __post_init__(self) -> None:
+        rows, cols = self.q.shape
+        if self.scale.dim() != 2 or self.scale.shape[0] != rows or not self.scale.shape[1] or cols % self.scale.shape[1]:
+            raise ValueError(f"Int8Groups: scale {tuple(self.scale.shape)} does not divide q {tuple(self.q.shape)} into groups")
+
+    @property
+    def group_size(self) -> int:
+        return self.q.shape[1] // self.scale.shape[1]
 
     def dequantize(self) -> torch.Tensor:
         rows, cols = self.q.shape
-        return (self.q.float().view(rows, -1, INT8_GROUP_SIZE) * self.scale.unsqueeze(-1)).reshape(rows, cols)
+        return (self.q.float().view(rows, -1, self.group_size) * self.scale.unsqueeze(-1)).reshape(rows, cols)
+
+    def columns(self, start: int, length: int) -> Int8Groups:
+        """Inputs start..start+length (on group boundaries)."""
+        first, count = start // self.group_size, length // self.group_size
+        return Int8Groups(self.q[:, start : start + length].contiguous(), self.scale[:, first : first + count].contiguous())
 
 
 @dataclass(frozen=True)
@@ -63,6 +79,15 @@ class Int4Groups:
         rows, cols = self.q.shape
         groups = self.q.view(rows, -1, self.group_size).float() - 8
         return (self.scale.unsqueeze(-1) * groups + self.zero.unsqueeze(-1)).view(rows, cols)
+
+    def columns(self, start: int, length: int) -> Int4Groups:
+        """Inputs start..start+length (on group boundaries)."""
+        first, count = start // self.group_size, length // self.group_size
+        low = None if self.low is None else self.low[:, first : first + count].contiguous()
+        return Int4Groups(
+            self.q[:, start : start + length].contiguous(), self.scale[:, first : first + count].contiguous(),
+            self.zero[:, first : first + count].contiguous(), self.group_size, low,
+        )  # fmt: skip
 
     def narrow_rows(self, start: int, length: int) -> Int4Groups:
         low = None if self.low is None else self.low.narrow(0, start, length)

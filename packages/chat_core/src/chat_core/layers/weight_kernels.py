@@ -166,14 +166,14 @@ def _cpu_int4_layout() -> tuple[int, bool] | None:
 class PackedInt8:
     weight: torch.Tensor  # [padded out_features, in_features] int8 in the kernel's layout
     # torch's kernels: [out_features] in the compute dtype (a scale per row); the native kernel: float32,
-    # [padded out_features] (per row) or [in_features // 32, padded out_features] (per 32 inputs).
+    # [padded out_features] (per row) or [in_features // group, padded out_features] (per group of inputs).
     scale: torch.Tensor
     out_features: int
     in_features: int
 
 
 class Int8Kernel:
-    """int8 x activations: a scale per output row (`Int8Channels`), or per 32 inputs (`Int8Groups`, which
+    """int8 x activations: a scale per output row (`Int8Channels`), or per group of inputs (`Int8Groups`, which
     only the native kernel multiplies: see `supports_groups`)."""
 
     def __init__(self, device: torch.device, compute_dtype: torch.dtype = torch.bfloat16) -> None:
@@ -194,7 +194,7 @@ class Int8Kernel:
             scale = F.pad(weight.scale.float().t() if grouped else weight.scale.float(), (0, padded - rows))
             return PackedInt8(native_kernels.pack_int8(q), scale.contiguous(), rows, cols)
         if grouped:
-            raise ValueError(f"int8 with a scale per 32 inputs needs the native CPU kernel; unavailable on {self.device}")
+            raise ValueError(f"int8 with a scale per {weight.group_size} inputs needs the native CPU kernel; unavailable on {self.device}")
         return PackedInt8(weight.q.to(self.device).contiguous(), weight.scale.to(self.compute_dtype).to(self.device), rows, cols)
 
     def matmul(self, x: torch.Tensor, packed: PackedInt8) -> torch.Tensor:
@@ -214,7 +214,7 @@ class Int8Kernel:
             q, scale = packed.weight.index_select(0, row_ids), packed.scale.index_select(0, row_ids)
             return (q.to(dtype) * scale.unsqueeze(1)).to(dtype)
         q = native_kernels.unpack_int8_rows(packed.weight, row_ids)
-        if packed.scale.dim() == 2:  # a scale per 32 inputs
+        if packed.scale.dim() == 2:  # a scale per group of inputs
             return Int8Groups(q, packed.scale.index_select(1, row_ids).t()).dequantize().to(dtype)
         return (q.float() * packed.scale.index_select(0, row_ids).unsqueeze(1)).to(dtype)
 

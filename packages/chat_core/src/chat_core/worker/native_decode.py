@@ -236,10 +236,10 @@ def _product(layer: torch.nn.Module, source: torch.Tensor, target: torch.Tensor,
         packed = layer.packed_int8
         if packed.weight.shape[0] != packed.out_features or packed.out_features != target.shape[1]:
             raise Unsupported(f"an int8 layer has {packed.out_features} outputs, not a multiple of 64")
-        grouped = int(packed.scale.dim() == 2)
+        group = packed.in_features // packed.scale.shape[0] if packed.scale.dim() == 2 else 0  # 0: a scale per row
         return _op(
             INT8, source, target, a=packed.weight.data_ptr(), b=packed.scale.data_ptr(), c=bias_pointer,
-            n=(packed.out_features, packed.in_features, grouped),
+            n=(packed.out_features, packed.in_features, group),
         )  # fmt: skip
     if isinstance(method, NativeBf16Method):
         weight = layer.bf16_weight

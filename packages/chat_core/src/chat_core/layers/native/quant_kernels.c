@@ -11,8 +11,8 @@
  *   low = -8 d), scale and low one array [2][groups][N] of float32 or (`half`) float16. The 64 rows of a block are 4 vectors of 16
  *   lanes: no horizontal sums. Computed as scale * sum(q x) + low * sum(x) per group.
  * - chat_int8_matmul: 8-bit W in 64-row blocks, block b [K][64] bytes (byte j of input k: row 64 b + j),
- *   w[n, k] = q[n, k] * scale[n] (int8 per output channel) or q[n, k] * scale[k / 32][n] (`grouped`: GGUF's
- *   Q8_0, a scale per 32 inputs; K a multiple of 32).
+ *   w[n, k] = q[n, k] * scale[n] (int8 per output channel, `group` 0) or q[n, k] * scale[k / group][n] (a scale
+ *   per `group` inputs, K a multiple of it: GGUF's Q8_0, 32, and Q6_K, 16, whose 6-bit values fit in 8).
  * - chat_bf16_matmul: bfloat16 W in the int8 layout with 2-byte entries (block b [K][64], entry j of input k:
  *   row 64 b + j). A bfloat16 is the top half of a float32, so each weight widens exactly (a shift) and
  *   every product is exact in float32: the same sums as oneDNN's bfloat16 product, without rounding x.
@@ -125,17 +125,17 @@ INLINE void int8_inputs(const float *x, const int8_t *block, const __m512 *s, __
     }
 }
 
-/* Rows scale[n] (applied once at the end) or, `grouped`, scale[g][n] per 32 inputs (applied per input). */
+/* Rows scale[n] (applied once at the end, `group` 0) or scale[g][n] per `group` inputs (applied per input). */
 INLINE void int8_block(const float *x, const int8_t *block, const float *scale, float *y, int64_t N, int64_t K,
-                       int grouped, int rows) {
+                       int64_t group, int rows) {
     __m512 acc[ROW_TILE][4];
     for (int r = 0; r < rows; r++)
         for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
-    if (grouped) {
-        for (int64_t g = 0; g < K / 32; g++) {
+    if (group) {
+        for (int64_t g = 0; g < K / group; g++) {
             __m512 s[4];
             for (int j = 0; j < 4; j++) s[j] = _mm512_loadu_ps(scale + g * N + 16 * j);
-            int8_inputs(x, block, s, acc, K, g * 32, (g + 1) * 32, 1, rows);
+            int8_inputs(x, block, s, acc, K, g * group, (g + 1) * group, 1, rows);
         }
     } else {
         int8_inputs(x, block, NULL, acc, K, 0, K, 0, rows);
@@ -148,7 +148,7 @@ INLINE void int8_block(const float *x, const int8_t *block, const float *scale, 
         for (int j = 0; j < 4; j++) _mm512_storeu_ps(y + r * N + 16 * j, acc[r][j]);
 }
 
-int chat_int8_matmul(const float *x, const int8_t *w, const float *scale, int grouped, float *y, int64_t M, int64_t N,
+int chat_int8_matmul(const float *x, const int8_t *w, const float *scale, int64_t group, float *y, int64_t M, int64_t N,
                      int64_t K, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < N / 64; b++) {
@@ -157,20 +157,11 @@ int chat_int8_matmul(const float *x, const int8_t *w, const float *scale, int gr
             int rows = M - m < ROW_TILE ? (int)(M - m) : ROW_TILE;
             const float *xm = x + m * K;
             float *ym = y + m * N + b * 64;
-            if (grouped) {
-                switch (rows) {
-                    case 4: int8_block(xm, block, scale + b * 64, ym, N, K, 1, 4); break;
-                    case 3: int8_block(xm, block, scale + b * 64, ym, N, K, 1, 3); break;
-                    case 2: int8_block(xm, block, scale + b * 64, ym, N, K, 1, 2); break;
-                    default: int8_block(xm, block, scale + b * 64, ym, N, K, 1, 1); break;
-                }
-            } else {
-                switch (rows) {
-                    case 4: int8_block(xm, block, scale + b * 64, ym, N, K, 0, 4); break;
-                    case 3: int8_block(xm, block, scale + b * 64, ym, N, K, 0, 3); break;
-                    case 2: int8_block(xm, block, scale + b * 64, ym, N, K, 0, 2); break;
-                    default: int8_block(xm, block, scale + b * 64, ym, N, K, 0, 1); break;
-                }
+            switch (rows) { /* constant row counts: the compiler unrolls the accumulators into registers */
+                case 4: int8_block(xm, block, scale + b * 64, ym, N, K, group, 4); break;
+                case 3: int8_block(xm, block, scale + b * 64, ym, N, K, group, 3); break;
+                case 2: int8_block(xm, block, scale + b * 64, ym, N, K, group, 2); break;
+                default: int8_block(xm, block, scale + b * 64, ym, N, K, group, 1); break;
             }
         }
     }
