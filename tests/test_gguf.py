@@ -24,10 +24,18 @@ def tiny_llama(tiny_checkpoints):
 
 
 # Dequantized at load, and (for Q4_0/Q4_1/Q4_K, and Q6_K with the native kernels) kept packed as int4 and multiplied exactly (float32 kernels).
-PATHS = {"dequantized": {"quantization": None}, "kept-quantized": {"quantization": "gguf", "quantization_compute_dtype": "float32"}}
+PATHS = {
+    "dequantized": {"quantization": None},
+    "kept-quantized": {"quantization": "gguf", "quantization_compute_dtype": "float32"},
+    "default": {},  # quantization="auto": a GGUF whose tensors a kernel takes as stored loads them so
+}
 
 
-CASES = [(qtype, "dequantized") for qtype in QTYPES] + [(qtype, "kept-quantized") for qtype in ("Q4_0", "Q4_1", "Q4_K", "Q6_K")]
+CASES = (
+    [(qtype, "dequantized") for qtype in QTYPES]
+    + [(qtype, "kept-quantized") for qtype in ("Q4_0", "Q4_1", "Q4_K", "Q6_K")]
+    + [(qtype, "default") for qtype in ("Q8_0", "Q6_K")]
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +49,9 @@ def test_gguf_types_load_and_match_transformers_on_the_same_weights(tmp_path, re
     model = request.getfixturevalue("wide_llama" if qtype.endswith("_K") else "tiny_llama")
     path = str(tmp_path / f"tiny-{qtype}.gguf")
     stored = write_gguf(path, model, qtype)
-    assert_answers_as_transformers(path, model, stored, PATHS[path_name], wide=qtype.endswith("_K"))
+    layers = assert_answers_as_transformers(path, model, stored, PATHS[path_name], wide=qtype.endswith("_K"))
+    if path_name == "default":  # 8-bit groups where the native kernels run, else dequantized
+        assert layers[0].mlp.down_proj.method.name == (qtype.lower() if native_kernels.available() else "dense")
 
 
 def test_a_q4_k_m_mix_keeps_each_layer_as_stored_where_a_kernel_takes_it(tmp_path, wide_llama):

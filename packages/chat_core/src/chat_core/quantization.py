@@ -51,8 +51,8 @@ def resolve_quantization(quantization: str | None, tensor_formats: Mapping[str, 
     is_gguf = any(fmt.startswith("Q") for fmt in tensor_formats.values())
     if quantization is None or quantization == "none":
         return None
-    if quantization == "auto":
-        return "gguf" if any(fmt in GGUF_INT4_TYPES for fmt in tensor_formats.values()) else None
+    if quantization == "auto":  # a GGUF with tensors "gguf" keeps as stored (int8 ones where the native kernels run)
+        return "gguf" if any(fmt in (*GGUF_INT4_TYPES, *GGUF_INT8_TYPES) for fmt in tensor_formats.values()) else None
     if quantization == "gguf" and not is_gguf:
         raise ValueError(f"quantization='gguf' keeps a GGUF file's quantized tensors, but {source} has none")
     return quantization
