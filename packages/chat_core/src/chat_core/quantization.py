@@ -7,13 +7,13 @@
 - `"int4"`: 4-bit groups of `quantization_group_size` along the input, quantized as each tensor is read;
   the LM head in int8 (on SmolLM2 an int4 head raised perplexity from 16.5 to 17.7 and dropped teacher-forced
   top-1 agreement with the dense model from 97% to 78%; int8 there costs nothing measurable, and as little time).
-- `"gguf"`: a GGUF's quantized tensors kept as they are where a kernel multiplies them exactly: Q4_0 and
-  Q4_1 as 4-bit groups of 32, and (on CPUs where the native kernels of `native_kernels` run) Q8_0 as int8 with
-  its scale per 32 inputs; every other tensor dequantized as with `None`. Without the native kernels Q8_0
-  stays dense on purpose: its per-32 scales fit no torch kernel, and re-rounding it to one scale per row
+- `"gguf"`: a GGUF's quantized tensors kept as they are where a kernel multiplies them exactly: Q4_0, Q4_1
+  and Q4_K as 4-bit groups of 32, and (on CPUs where the native kernels of `native_kernels` run) Q8_0 and Q6_K
+  as int8 with a scale per 32 (16) inputs; every other tensor dequantized as with `None`. Without the native
+  kernels Q8_0 stays dense on purpose: its per-32 scales fit no torch kernel, and re-rounding it to one scale per row
   (int8), though it moved SmolLM2's perplexity only from 16.48 to 16.53, flips the first token of its answer
   to "What is the capital of France?" (a 0.1-logit tie), as does a bfloat16 copy of its Q8_0 embedding/LM head.
-- `"auto"` (the default): `"gguf"` for a GGUF file with Q4_0/Q4_1 tensors, otherwise `None`.
+- `"auto"` (the default): `"gguf"` for a GGUF file with tensors of those types, otherwise `None`.
 
 Embeddings stay dense (they are gathered, not multiplied), except a tied one, which reads its rows from
 the LM head's quantized weight where the device's kernel allows it, so the table is kept once.

@@ -11,8 +11,8 @@ the method, the layer ends up holding one copy of its weight.
 - `NativeBf16Method`: a bfloat16 weight in the native CPU kernel's blocks (`native_kernels.bf16_matmul`),
   multiplied in float32: faster than oneDNN's bfloat16 product here at every batch size measured.
 - `Int8Method`: int8 with a scale per output row, quantized from the checkpoint's floats.
-- `Int4Method`: 4-bit groups, quantized from floats or taken as they are from a GGUF Q4_0/Q4_1 tensor.
-- `Int8GroupsMethod`: a GGUF Q8_0 tensor taken as it is (int8, a scale per 32 inputs).
+- `Int4Method`: 4-bit groups, quantized from floats or taken as they are from a GGUF Q4_0/Q4_1/Q4_K tensor.
+- `Int8GroupsMethod`: a GGUF Q8_0 or Q6_K tensor taken as it is (int8, a scale per 32 or 16 inputs).
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ class Int8GroupsMethod(Int8Method):
 class Int4Method(LinearMethod):
     """4-bit weights in groups of `group_size` along the input, each with a scale and a zero.
 
-    Slices are gathered as `Int4Groups` while the checkpoint is read (from a GGUF Q4_0/Q4_1 tensor as it is
+    Slices are gathered as `Int4Groups` while the checkpoint is read (from a GGUF Q4_0/Q4_1/Q4_K tensor as it is
     stored, or quantized from floats), then packed once for the kernel when the last slice is in.
     """
 

@@ -16,7 +16,7 @@ float32 model than the eager bfloat16 step, not equal to it (tested against both
 operation has such a kernel:
 - the model is our `LlamaForCausalLM` (not a subclass), of a single rank (no tensor or pipeline parallel);
 - the KV cache is float32 or bfloat16 on a CPU whose native kernels are built;
-- every linear layer's weight is on a native kernel (GGUF Q4_0/Q4_1/Q8_0 kept quantized,
+- every linear layer's weight is on a native kernel (GGUF Q4_0/Q4_1/Q4_K/Q8_0/Q6_K kept quantized,
   `quantization="int4"/"int8"`, or dense bfloat16) with a multiple of 64 outputs (no padded rows).
 Otherwise (dense float32 weights, a custom model) decode steps run eagerly; `enforce_eager=True` and
 `compile_decode=True` also turn it off, as does `batch_invariant=True` (whose attention is another kind).
