@@ -23,7 +23,7 @@ def tiny_llama(tiny_checkpoints):
     return tiny_checkpoints("llama_tied")[1]
 
 
-# Dequantized at load, and (for Q4_0/Q4_1/Q4_K, and Q6_K with the native kernels) kept packed as int4 and multiplied exactly (float32 kernels).
+# Dequantized at load, and (for Q4_0/Q4_1/Q4_K, and Q6_K/Q5_0 with the native kernels) kept packed as int4 and multiplied exactly (float32 kernels).
 PATHS = {
     "dequantized": {"quantization": None},
     "kept-quantized": {"quantization": "gguf", "quantization_compute_dtype": "float32"},
@@ -33,8 +33,8 @@ PATHS = {
 
 CASES = (
     [(qtype, "dequantized") for qtype in QTYPES]
-    + [(qtype, "kept-quantized") for qtype in ("Q4_0", "Q4_1", "Q4_K", "Q6_K")]
-    + [(qtype, "default") for qtype in ("Q8_0", "Q6_K")]
+    + [(qtype, "kept-quantized") for qtype in ("Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q5_0")]
+    + [(qtype, "default") for qtype in ("Q8_0", "Q6_K", "Q5_0")]
 )
 
 
@@ -50,7 +50,7 @@ def test_gguf_types_load_and_match_transformers_on_the_same_weights(tmp_path, re
     path = str(tmp_path / f"tiny-{qtype}.gguf")
     stored = write_gguf(path, model, qtype)
     layers = assert_answers_as_transformers(path, model, stored, PATHS[path_name], wide=qtype.endswith("_K"))
-    if path_name == "default":  # 8-bit groups where the native kernels run, else dequantized
+    if path_name != "dequantized" and qtype in ("Q8_0", "Q6_K", "Q5_0"):  # 8-bit groups where the native kernels run
         assert layers[0].mlp.down_proj.method.name == (qtype.lower() if native_kernels.available() else "dense")
 
 
@@ -65,6 +65,18 @@ def test_a_q4_k_m_mix_keeps_each_layer_as_stored_where_a_kernel_takes_it(tmp_pat
         assert layer.mlp.gate_up_proj.method.name == "int4" and layer.self_attn.o_proj.method.name == "int4"
         assert layer.mlp.down_proj.method.name == ("q6_k" if native else "dense")
         assert layer.self_attn.qkv_proj.method.name == "dense"  # q and k Q4_K, v Q6_K: one fused weight
+
+
+def test_where_k_quants_do_not_fit_llama_cpp_falls_back_to_q5_0_and_q8_0_which_are_kept_too(tmp_path, tiny_llama):
+    """Rows of 64 inputs (SmolLM2's 576 likewise) cannot hold K-quant blocks of 256: llama.cpp's Q4_K_M writes Q5_0
+    and Q8_0 there. Both are int8 groups of 32, so even a fused layer mixing them (q/k Q5_0, v Q8_0) stays 8-bit."""
+    path = str(tmp_path / "tiny-q5_0-q8_0.gguf")
+    stored = write_gguf(path, tiny_llama, "Q5_0", overrides={"attn_v.weight": "Q8_0", "ffn_down.weight": "Q8_0"})
+    layers = assert_answers_as_transformers(path, tiny_llama, stored, {})
+    if native_kernels.available():
+        assert {layer.self_attn.qkv_proj.method.name for layer in layers} == {"q5_0+q8_0"}
+        assert {layer.mlp.gate_up_proj.method.name for layer in layers} == {"q5_0"}
+        assert {layer.mlp.down_proj.method.name for layer in layers} == {"q8_0"}
 
 
 def assert_answers_as_transformers(path: str, model, stored: dict, options: dict, wide: bool = False):

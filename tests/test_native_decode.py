@@ -104,6 +104,20 @@ def test_k_quants_decode_through_the_recorded_step_with_the_eager_bits(tmp_path)
     assert_same_bits(logits, expected_logits)
 
 
+def test_q5_0_and_q8_0_fused_decode_through_the_recorded_step_with_the_eager_bits(tmp_path):
+    """llama.cpp's Q4_K_M where K-quants do not fit (SmolLM2's rows): Q5_0 with Q8_0 v and down projections and
+    table, as int8 groups of 32, q/k/v fused across the two types."""
+    model = make_tiny_checkpoint(str(tmp_path / "model"), "llama_tied", vocab_size=384, hidden_size=128, intermediate_size=256)
+    path = str(tmp_path / "q5_0.gguf")
+    overrides = {"attn_v.weight": "Q8_0", "ffn_down.weight": "Q8_0", "token_embd.weight": "Q8_0"}
+    write_gguf(path, model, "Q5_0", overrides=overrides)
+    expected_tokens, expected_logits, none = run(path, enforce_eager=True)
+    tokens, logits, native = run(path)
+    assert none is None and native is not None and native.steps > 0
+    assert tokens == expected_tokens
+    assert_same_bits(logits, expected_logits)
+
+
 def test_recorded_decode_with_a_sliding_window_under_preemption_and_chunked_prefill(tmp_path):
     directory = str(tmp_path / "windowed")
     make_tiny_checkpoint(directory, "mistral", sliding_window=8, num_attention_heads=4)  # q, k, v: 128 outputs

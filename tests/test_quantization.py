@@ -309,6 +309,22 @@ def test_gguf_q6_k_tensors_are_kept_as_8_bit_groups_of_16_exactly(tmp_path):
     assert tensor.read_int8_groups(1, 8, 16) is None  # not on a group boundary
 
 
+def test_gguf_q5_0_tensors_are_kept_as_8_bit_groups_exactly(tmp_path, tiny_checkpoints):
+    import numpy as np
+    from gguf.quants import dequantize
+
+    path = str(tmp_path / "tiny-Q5_0.gguf")
+    write_gguf(path, tiny_checkpoints("llama_tied")[1], "Q5_0")
+    tensor = dict(open_checkpoint(path).tensors())["model.layers.1.mlp.down_proj.weight"]
+    groups = tensor.read_int8_groups(None)
+    expected = dequantize(np.ascontiguousarray(tensor._tensor.data), tensor._tensor.tensor_type).reshape(tensor.shape)
+    assert groups.group_size == 32 and int(groups.q.min()) >= -16 and int(groups.q.max()) <= 15
+    assert torch.equal(groups.dequantize(), torch.from_numpy(np.ascontiguousarray(expected)))  # d (q - 16), as gguf
+    right = tensor.read_int8_groups(1, 32, 64)
+    assert torch.equal(right.q, groups.q[:, 32:96]) and torch.equal(right.scale, groups.scale[:, 1:3])
+    assert tensor.read_int8_groups(1, 16, 32) is None  # not on a group boundary
+
+
 def all_position_logits(directory: str, tokens: list[int], plan: QuantizationPlan) -> torch.Tensor:
     """Teacher-forced logits at every position of `tokens` (one prefill), for the model built with `plan`."""
     checkpoint = open_checkpoint(directory)

@@ -8,8 +8,8 @@
   the LM head in int8 (on SmolLM2 an int4 head raised perplexity from 16.5 to 17.7 and dropped teacher-forced
   top-1 agreement with the dense model from 97% to 78%; int8 there costs nothing measurable, and as little time).
 - `"gguf"`: a GGUF's quantized tensors kept as they are where a kernel multiplies them exactly: Q4_0, Q4_1
-  and Q4_K as 4-bit groups of 32, and (on CPUs where the native kernels of `native_kernels` run) Q8_0 and Q6_K
-  as int8 with a scale per 32 (16) inputs; every other tensor dequantized as with `None`. Without the native
+  and Q4_K as 4-bit groups of 32, and (on CPUs where the native kernels of `native_kernels` run) Q8_0, Q5_0
+  and Q6_K as int8 with a scale per 32 (Q6_K: 16) inputs; every other tensor dequantized as with `None`. Without the native
   kernels Q8_0 stays dense on purpose: its per-32 scales fit no torch kernel, and re-rounding it to one scale per row
   (int8), though it moved SmolLM2's perplexity only from 16.48 to 16.53, flips the first token of its answer
   to "What is the capital of France?" (a 0.1-logit tie), as does a bfloat16 copy of its Q8_0 embedding/LM head.
@@ -26,13 +26,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from chat_core.layers.linear_methods import DenseMethod, Int4Method, Int8GroupsMethod, Int8Method, LinearMethod, NativeBf16Method
+from chat_core.layers.linear_methods import (
+    GGUF_INT8_GROUP_SIZES,
+    DenseMethod,
+    Int4Method,
+    Int8GroupsMethod,
+    Int8Method,
+    LinearMethod,
+    NativeBf16Method,
+)
 from chat_core.layers.weight_formats import INT4_GROUP_SIZES
 from chat_core.layers.weight_kernels import native_available
 
 QUANTIZATIONS = ("auto", "none", "int8", "int4", "gguf")
 GGUF_INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # 4-bit groups of 32: exactly what the int4 kernels take
-GGUF_INT8_TYPES = ("Q8_0", "Q6_K")  # int8 with a scale per 32 (16) inputs: what the native int8 kernel takes
+GGUF_INT8_TYPES = tuple(GGUF_INT8_GROUP_SIZES)  # int8 with a scale per 32 (16) inputs: what the native int8 kernel takes
 # Measured on SmolLM2 (benchmarks/bench_quality.py): groups of 64 or 128 cost far more accuracy than 32
 # (perplexity 16.5 -> 24-29) for a few percent of speed.
 DEFAULT_INT4_GROUP_SIZE = 32
@@ -136,6 +144,7 @@ class QuantizationPlan:
             formats = {self.tensor_formats.get(name) for name in checkpoint_names}
             if formats <= set(GGUF_INT4_TYPES):
                 return Int4Method(self.dtype, self.device, 32, self.kernel_compute_dtype)
-            if len(formats) == 1 and formats <= set(GGUF_INT8_TYPES) and native_available(self.device, torch.float32):
-                return Int8GroupsMethod(self.dtype, self.device, stored_as=formats.pop())  # one group size
+            one_group_size = formats <= set(GGUF_INT8_TYPES) and len({GGUF_INT8_GROUP_SIZES[f] for f in formats}) == 1
+            if one_group_size and native_available(self.device, torch.float32):
+                return Int8GroupsMethod(self.dtype, self.device, stored_as=tuple(formats))
         return None

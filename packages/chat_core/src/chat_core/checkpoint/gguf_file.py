@@ -133,6 +133,18 @@ def _q4_k_groups(raw: np.ndarray) -> Int4Groups:
     return Int4Groups(torch.from_numpy(q), torch.from_numpy(scale), torch.from_numpy(low + 8 * scale), INT4_GROUP_SIZE, torch.from_numpy(low))
 
 
+def _q5_0_groups(raw: np.ndarray) -> Int8Groups:
+    """Q5_0 blocks [rows, groups * 22 bytes] as int8 groups of 32: w = d (q - 16), q 5 bits (the low 4 in nibbles,
+    value j and j + 16 in byte j; the fifth in a 32-bit mask), d the group's float16, as `gguf` dequantizes them."""
+    rows = raw.shape[0]
+    blocks = raw.reshape(-1, 22)  # float16 d, 4 bytes of high bits, 16 bytes of low nibbles
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # [groups, 1]
+    high = (blocks[:, 2:6].copy().view(np.uint32) >> np.arange(32, dtype=np.uint32)) & 1  # [groups, 32]
+    low = (blocks[:, 6:22].reshape(-1, 1, 16) >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)) & 0x0F
+    q = (low.reshape(-1, 32) | (high.astype(np.uint8) << 4)).astype(np.int8) - np.int8(16)
+    return Int8Groups(torch.from_numpy(q.reshape(rows, -1)), torch.from_numpy(d.reshape(rows, -1)))
+
+
 def _q6_k_groups(raw: np.ndarray) -> Int8Groups:
     """Q6_K blocks [rows, blocks * 210 bytes] as int8 groups of 16: w = (d sc) q, q = 6 bits - 32, sc an int8 per 16,
     d the block's float16; the bits are unpacked and the scales multiplied as `gguf` dequantizes them."""
@@ -209,15 +221,18 @@ class GGUFTensor:
         return Int4Groups(torch.from_numpy(q), torch.from_numpy(d), torch.from_numpy(np.zeros_like(d)), group_size)
 
     def read_int8_groups(self, dim: int | None, start: int = 0, length: int | None = None) -> Int8Groups | None:
-        """The slice as stored, for a Q8_0 matrix (int8 values, a scale per 32) or a Q6_K one (6-bit values, a scale
-        per 16); None for any other type, or a column slice that cuts the groups."""
+        """The slice as stored, for a Q8_0 matrix (int8 values, a scale per 32), a Q5_0 one (5-bit values less 16, a
+        scale per 32) or a Q6_K one (6-bit values, a scale per 16); None for any other type, or a column slice
+        that cuts the groups."""
         if self.type_name == "Q6_K":
             return self._k_quant_groups(dim, start, length, Q6_K_GROUP_SIZE, _q6_k_groups)
-        if self.type_name != "Q8_0":
+        if self.type_name not in ("Q8_0", "Q5_0"):
             return None
         raw = self._raw_slice(dim, start, length)
         if raw is None:
             return None
+        if self.type_name == "Q5_0":
+            return _q5_0_groups(np.ascontiguousarray(raw))
         rows = raw.shape[0]
         blocks = np.ascontiguousarray(raw).reshape(rows, -1, 2 + INT8_GROUP_SIZE)
         d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # [rows, groups]

@@ -194,36 +194,43 @@ class Int8Method(LinearMethod):
         return self.kernel.read_rows(layer.packed_int8, row_ids, self.dtype)
 
 
-GGUF_INT8_GROUP_SIZES = {"Q8_0": INT8_GROUP_SIZE, "Q6_K": Q6_K_GROUP_SIZE}  # stored types int8 groups take exactly
+# GGUF types whose values fit int8 with one scale per group of inputs (that many), which int8 groups take exactly.
+GGUF_INT8_GROUP_SIZES = {"Q8_0": INT8_GROUP_SIZE, "Q5_0": INT8_GROUP_SIZE, "Q6_K": Q6_K_GROUP_SIZE}
 
 
 class Int8GroupsMethod(Int8Method):
     """8-bit weights with a scale per group of inputs, read as a GGUF tensor stores them (not re-rounded): Q8_0
-    (groups of 32) or Q6_K (6-bit values, groups of 16), multiplied in float32 by the native CPU kernel: the
-    same weights as the dequantized table, a quarter of the memory. Only for checkpoint tensors stored so
+    (groups of 32), Q5_0 (5-bit values less 16, groups of 32) or Q6_K (6-bit values, groups of 16), multiplied in
+    float32 by the native CPU kernel: the same weights as the dequantized table, a quarter of the memory. A fused
+    layer may mix types of one group size (q/k Q5_0 and v Q8_0). Only for checkpoint tensors stored so
     (`QuantizationPlan` sees to it)."""
 
-    def __init__(self, dtype: torch.dtype, device: torch.device, stored_as: str = "Q8_0") -> None:
+    def __init__(self, dtype: torch.dtype, device: torch.device, stored_as: str | tuple[str, ...] = "Q8_0") -> None:
         super().__init__(dtype, device, torch.float32)
-        if stored_as not in GGUF_INT8_GROUP_SIZES:
-            raise ValueError(f"stored_as={stored_as!r}: expected one of {', '.join(GGUF_INT8_GROUP_SIZES)}")
-        self.stored_as, self.name = stored_as, stored_as.lower()
+        self.stored_as = (stored_as,) if isinstance(stored_as, str) else tuple(sorted(stored_as))
+        unknown = [t for t in self.stored_as if t not in GGUF_INT8_GROUP_SIZES]
+        if unknown or not self.stored_as:
+            raise ValueError(f"stored_as={stored_as!r}: expected GGUF types among {', '.join(GGUF_INT8_GROUP_SIZES)}")
+        group_sizes = {GGUF_INT8_GROUP_SIZES[t] for t in self.stored_as}
+        if len(group_sizes) != 1:
+            raise ValueError(f"stored_as={stored_as!r} mixes groups of {sorted(group_sizes)} inputs; one layer has one")
+        self.group_size = group_sizes.pop()
+        self.name = "+".join(t.lower() for t in self.stored_as)
         if not self.kernel.supports_groups:
-            raise ValueError(f"{stored_as} weights kept as stored need the native CPU kernels, unavailable on {self.device}")
+            raise ValueError(f"{self.name} weights kept as stored need the native CPU kernels, unavailable on {self.device}")
 
     def create_weights(self, layer, output_size, input_size) -> None:
-        group = GGUF_INT8_GROUP_SIZES[self.stored_as]
-        if input_size % group:
-            raise ValueError(f"{self.stored_as} needs input features divisible by {group}; {layer.__class__.__name__} has {input_size}")
+        if input_size % self.group_size:
+            raise ValueError(f"{self.name} needs input features divisible by {self.group_size}; {layer.__class__.__name__} has {input_size}")
         super().create_weights(layer, output_size, input_size)
 
     def load(self, layer, source, dim, start, length, row_offset) -> None:
         read_groups = getattr(source, "read_int8_groups", None)
         groups = read_groups(dim, start, length) if read_groups is not None else None
-        if groups is None or getattr(source, "type_name", self.stored_as) != self.stored_as:
+        if groups is None or getattr(source, "type_name", self.stored_as[0]) not in self.stored_as:
             raise ValueError(
-                f"{getattr(source, 'name', 'a tensor')} is not a {self.stored_as} tensor read on its groups' boundaries; "
-                f"it cannot be kept as {self.stored_as}"
+                f"{getattr(source, 'name', 'a tensor')} is not a {'/'.join(self.stored_as)} tensor read on its groups' "
+                f"boundaries; it cannot be kept as {self.name}"
             )
         layer.staging.append((row_offset, groups))
 
