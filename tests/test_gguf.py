@@ -56,7 +56,7 @@ def test_gguf_types_load_and_match_transformers_on_the_same_weights(tmp_path, re
 
 def test_a_q4_k_m_mix_keeps_each_layer_as_stored_where_a_kernel_takes_it(tmp_path, wide_llama):
     """As llama.cpp's Q4_K_M mixes types (v and down projections in Q6_K): Q4_K layers stay 4-bit, Q6_K ones
-    8-bit where the native kernels run, and a fused layer of mixed types is dequantized."""
+    8-bit where the native kernels run, and a fused layer of mixed types keeps each part as it is stored."""
     path = str(tmp_path / "tiny-q4_k_m.gguf")
     stored = write_gguf(path, wide_llama, "Q4_K", overrides={"attn_v.weight": "Q6_K", "ffn_down.weight": "Q6_K"})
     engine_layers = assert_answers_as_transformers(path, wide_llama, stored, {}, wide=True)
@@ -64,7 +64,7 @@ def test_a_q4_k_m_mix_keeps_each_layer_as_stored_where_a_kernel_takes_it(tmp_pat
     for layer in engine_layers:
         assert layer.mlp.gate_up_proj.method.name == "int4" and layer.self_attn.o_proj.method.name == "int4"
         assert layer.mlp.down_proj.method.name == ("q6_k" if native else "dense")
-        assert layer.self_attn.qkv_proj.method.name == "dense"  # q and k Q4_K, v Q6_K: one fused weight
+        assert layer.self_attn.qkv_proj.method.name == ("int4 | int4 | q6_k" if native else "int4 | int4 | dense")
 
 
 def test_where_k_quants_do_not_fit_llama_cpp_falls_back_to_q5_0_and_q8_0_which_are_kept_too(tmp_path, tiny_llama):

@@ -34,6 +34,7 @@ from chat_core.layers.linear_methods import (
     Int8Method,
     LinearMethod,
     NativeBf16Method,
+    PartsMethod,
 )
 from chat_core.layers.weight_formats import INT4_GROUP_SIZES
 from chat_core.layers.weight_kernels import native_available
@@ -147,4 +148,9 @@ class QuantizationPlan:
             one_group_size = formats <= set(GGUF_INT8_TYPES) and len({GGUF_INT8_GROUP_SIZES[f] for f in formats}) == 1
             if one_group_size and native_available(self.device, torch.float32):
                 return Int8GroupsMethod(self.dtype, self.device, stored_as=tuple(formats))
+            if len(checkpoint_names) > 1:  # a fused layer of parts no one kernel takes together: each on its own
+                parts = [self._quantized([name]) for name in checkpoint_names]
+                if any(part is not None for part in parts):
+                    methods = [part or self.linear([name]) for part, name in zip(parts, checkpoint_names)]
+                    return PartsMethod(self.dtype, self.device, methods)
         return None

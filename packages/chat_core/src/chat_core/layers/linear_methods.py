@@ -12,7 +12,8 @@ the method, the layer ends up holding one copy of its weight.
   multiplied in float32: faster than oneDNN's bfloat16 product here at every batch size measured.
 - `Int8Method`: int8 with a scale per output row, quantized from the checkpoint's floats.
 - `Int4Method`: 4-bit groups, quantized from floats or taken as they are from a GGUF Q4_0/Q4_1/Q4_K tensor.
-- `Int8GroupsMethod`: a GGUF Q8_0 or Q6_K tensor taken as it is (int8, a scale per 32 or 16 inputs).
+- `Int8GroupsMethod`: a GGUF Q8_0, Q5_0 or Q6_K tensor taken as it is (int8, a scale per 32 or 16 inputs).
+- `PartsMethod`: a fused layer whose parts are stored in formats no one kernel takes, each part on its own.
 """
 
 from __future__ import annotations
@@ -306,6 +307,43 @@ class Int4Method(LinearMethod):
 
     def extra_repr(self) -> str:
         return f"int4 (groups of {self.group_size})"
+
+
+class PartsMethod(LinearMethod):
+    """A fused layer (q/k/v, gate/up) whose parts are stored in formats no one kernel takes together (in a GGUF
+    Q4_K_M, some layers' q and k in Q4_K and v in Q6_K): each part keeps its own method and weight, on a module
+    of its own (`layer.parts`), and their outputs are put side by side. Nothing is dequantized or re-rounded."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device, methods: list[LinearMethod]) -> None:
+        super().__init__(dtype, device)
+        self.methods = methods
+        self.name = " | ".join(method.name for method in methods)
+
+    def create_weights(self, layer, output_size, input_size) -> None:
+        sizes = getattr(layer, "local_sizes", None)  # a column-parallel layer's parts, on this rank
+        if sizes is None or len(sizes) != len(self.methods) or sum(sizes) != output_size:
+            raise ValueError(f"{self.name}: {layer.__class__.__name__} is not a fused layer of {len(self.methods)} parts")
+        layer.parts = nn.ModuleList(nn.Module() for _ in self.methods)
+        for part, method, size in zip(layer.parts, self.methods, sizes):
+            method.create_weights(part, size, input_size)
+
+    def load(self, layer, source, dim, start, length, row_offset) -> None:
+        index = layer.local_offsets.index(row_offset)  # the part whose rows start there
+        self.methods[index].load(layer.parts[index], source, dim, start, length, 0)
+
+    def finish(self, layer) -> None:
+        for part, method in zip(layer.parts, self.methods):
+            method.finish(part)
+
+    def apply(self, layer, x):
+        return torch.cat([method.apply(part, x) for part, method in zip(layer.parts, self.methods)], dim=-1)
+
+    @property
+    def can_read_rows(self) -> bool:
+        return False  # a fused layer is never an embedding table
+
+    def read_rows(self, layer, row_ids):
+        raise NotImplementedError("a fused layer of parts is not read by rows")
 
 
 # Quantized methods gather a layer's slices as they are read (each a format with `q` [rows, cols]) and

@@ -16,8 +16,10 @@ float32 model than the eager bfloat16 step, not equal to it (tested against both
 operation has such a kernel:
 - the model is our `LlamaForCausalLM` (not a subclass), of a single rank (no tensor or pipeline parallel);
 - the KV cache is float32 or bfloat16 on a CPU whose native kernels are built;
-- every linear layer's weight is on a native kernel (GGUF Q4_0/Q4_1/Q4_K/Q8_0/Q6_K kept quantized,
-  `quantization="int4"/"int8"`, or dense bfloat16) with a multiple of 64 outputs (no padded rows).
+- every linear layer's weight is on a native kernel (GGUF Q4_0/Q4_1/Q4_K/Q5_0/Q6_K/Q8_0 kept quantized,
+  `quantization="int4"/"int8"`, or dense bfloat16) with a multiple of 64 outputs (no padded rows); a fused
+  layer of parts on different kernels (`PartsMethod`) multiplies each part into a buffer of its own, whose
+  columns are then copied into place.
 Otherwise (dense float32 weights, a custom model) decode steps run eagerly; `enforce_eager=True` and
 `compile_decode=True` also turn it off, as does `batch_invariant=True` (whose attention is another kind).
 """
@@ -31,7 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from chat_core.layers import native_kernels
-from chat_core.layers.linear_methods import Int4Method, Int8Method, NativeBf16Method
+from chat_core.layers.linear_methods import Int4Method, Int8Method, LinearMethod, NativeBf16Method, PartsMethod
 from chat_core.layers.norm import RMSNorm
 from chat_core.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
 
@@ -41,7 +43,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Operation kinds of `chat_run_decoder` (decode_kernels.c).
-RMS_NORM, INT4, INT8, ROPE, ATTENTION, SILU_MUL, BF16 = 1, 2, 3, 4, 5, 6, 7
+RMS_NORM, INT4, INT8, ROPE, ATTENTION, SILU_MUL, BF16, COLUMNS = 1, 2, 3, 4, 5, 6, 7, 8
 
 
 class _Op(ctypes.Structure):
@@ -110,7 +112,7 @@ class NativeDecoder:
             # The first layer's residual is its input; later layers add to the running residual.
             layer_input, residual_in = (self.hidden, None) if index == 0 else (mlp_out, self.residual)
             ops.append(self._norm(layer.input_layernorm, layer_input, residual_in, self.normed, self.residual if residual_in is not None else None))
-            ops.append(self._linear(layer.self_attn.qkv_proj, self.normed, qkv))
+            ops.extend(self._linear(layer.self_attn.qkv_proj, self.normed, qkv))
             ops.append(_op(ROPE, qkv, rotated, n=(qkv_width, heads + kv_heads, head_dim)))
             ops.append(
                 _op(
@@ -122,11 +124,11 @@ class NativeDecoder:
                     f=layer.self_attn.attn.scale,
                 )  # fmt: skip
             )
-            ops.append(self._linear(layer.self_attn.o_proj, attended, projected))
+            ops.extend(self._linear(layer.self_attn.o_proj, attended, projected))
             ops.append(self._norm(layer.post_attention_layernorm, projected, self.hidden if index == 0 else self.residual, self.normed, self.residual))
-            ops.append(self._linear(layer.mlp.gate_up_proj, self.normed, gate_up))
+            ops.extend(self._linear(layer.mlp.gate_up_proj, self.normed, gate_up))
             ops.append(_op(SILU_MUL, gate_up, activated, n=(intermediate,)))
-            ops.append(self._linear(layer.mlp.down_proj, activated, mlp_out))
+            ops.extend(self._linear(layer.mlp.down_proj, activated, mlp_out))
         ops.append(self._norm(model.norm, mlp_out, self.residual, self.final, self.residual))
         self.ops = (_Op * len(ops))(*ops)
         # The operations hold raw pointers: keep every tensor they point into alive for as long as they are
@@ -181,10 +183,21 @@ class NativeDecoder:
         self._widened.append(tensor.float())
         return self._widened[-1]
 
-    def _linear(self, layer: torch.nn.Module, source: torch.Tensor, target: torch.Tensor) -> _Op:
-        """The layer's product on a native kernel (its bias added after), or Unsupported."""
-        bias_pointer = self._float32(layer.bias).data_ptr() if layer.bias is not None else 0
-        return _product(layer, source, target, bias_pointer)
+    def _linear(self, layer: torch.nn.Module, source: torch.Tensor, target: torch.Tensor) -> list[_Op]:
+        """The layer's product on a native kernel (its bias added after), or Unsupported. A layer of parts
+        (`PartsMethod`): each part's product into a buffer of its own, then copied into its columns of `target`."""
+        bias = self._float32(layer.bias) if layer.bias is not None else None
+        if not isinstance(layer.method, PartsMethod):
+            return [_product(layer.method, layer, source, target, bias.data_ptr() if bias is not None else 0)]
+        ops, start = [], 0
+        for method, part, size in zip(layer.method.methods, layer.parts, layer.local_sizes):
+            products = torch.empty(self.max_rows, size)
+            self._buffers += (products,)
+            bias_pointer = bias.data_ptr() + start * bias.element_size() if bias is not None else 0
+            ops.append(_product(method, part, source, products, bias_pointer))
+            ops.append(_op(COLUMNS, products, target[:, start : start + size], n=(size, target.shape[1])))
+            start += size
+        return ops
 
 
 def _check_model(model: LlamaForCausalLM, kv_caches: list[torch.Tensor]) -> None:
@@ -220,9 +233,9 @@ def _op(kind: int, source: torch.Tensor, target: torch.Tensor, *, a: int = 0, b:
     return _Op(kind, source.data_ptr(), target.data_ptr(), a or None, b or None, c or None, d or None, (ctypes.c_int64 * 8)(*n), f)
 
 
-def _product(layer: torch.nn.Module, source: torch.Tensor, target: torch.Tensor, bias_pointer: int) -> _Op:
-    """The layer's product on the native int4, int8 or bfloat16 kernel, or Unsupported."""
-    method = layer.method
+def _product(method: LinearMethod, layer: torch.nn.Module, source: torch.Tensor, target: torch.Tensor, bias_pointer: int) -> _Op:
+    """The product of `layer`'s weight (held as `method` holds it) on the native int4, int8 or bfloat16 kernel,
+    or Unsupported."""
     if isinstance(method, Int4Method) and method.kernel.native:
         packed = layer.packed_int4
         if packed.weight.shape[0] != packed.out_features or packed.out_features != target.shape[1]:

@@ -24,6 +24,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #define INLINE static inline __attribute__((always_inline))
 #define KEY_CHUNK 64 /* keys scored at a time by the decode attention */
@@ -245,7 +246,7 @@ typedef struct {
     float f;
 } chat_op;
 
-enum { OP_RMS_NORM = 1, OP_INT4 = 2, OP_INT8 = 3, OP_ROPE = 4, OP_ATTENTION = 5, OP_SILU_MUL = 6, OP_BF16 = 7 };
+enum { OP_RMS_NORM = 1, OP_INT4 = 2, OP_INT8 = 3, OP_ROPE = 4, OP_ATTENTION = 5, OP_SILU_MUL = 6, OP_BF16 = 7, OP_COLUMNS = 8 };
 
 /* What changes from step to step: the rows, the rotary rows, where the new keys go and what each sequence reads. */
 typedef struct {
@@ -294,6 +295,9 @@ int chat_run_decoder(const chat_op *ops, int64_t count, const chat_step *step, i
                                            op->c, op->d, step->slot_mapping, step->block_tables, step->max_blocks, step->seq_lens,
                                            op->n[5], op->n[6], op->f, op->out, rows, op->n[2], op->n[3], op->n[4], threads,
                                            (int)op->n[7]);
+            break;
+        case OP_COLUMNS: /* in rows of n0 floats into the first n0 columns of out's rows of n1 (a fused layer's part) */
+            for (int64_t r = 0; r < rows; r++) memcpy(op->out + r * op->n[1], op->in + r * op->n[0], sizeof(float) * (size_t)op->n[0]);
             break;
         case OP_SILU_MUL: /* n0 width */
             chat_silu_mul(op->in, op->out, rows, op->n[0], threads);
