@@ -86,7 +86,42 @@ def quantize_q6_k(values: np.ndarray) -> np.ndarray:
     return np.concatenate(parts, axis=-1).reshape(rows, blocks * 210)
 
 
-WRITERS = {"Q4_K": quantize_q4_k, "Q6_K": quantize_q6_k}  # the types `gguf` cannot write
+def quantize_q5_k(values: np.ndarray) -> np.ndarray:
+    """float32 [rows, cols (a multiple of 256)] as GGUF Q5_K blocks, [rows, cols // 256 * 176] uint8: Q4_K's layout
+    (float16 d and dmin, 12 bytes of 6-bit scales and minima) with 5-bit values, whose fifth bits (group g's value
+    j: bit g of byte j) come in 32 bytes before the 128 of low nibbles. Plain min/max rounding."""
+    rows, cols = values.shape
+    blocks = cols // 256
+    x = values.reshape(rows, blocks, 8, 32).astype(np.float32)
+    minimum = -np.minimum(x.min(-1), 0)
+    step = (x.max(-1) + minimum) / 31
+    d = (step.max(-1) / 63).astype(np.float16)
+    dmin = (minimum.max(-1) / 63).astype(np.float16)
+
+    def sixbit(value, unit):
+        unit = unit.astype(np.float32)[..., None]
+        return np.clip(np.rint(np.divide(value, unit, out=np.zeros_like(value), where=unit > 0)), 0, 63).astype(np.uint8)
+
+    sc, m = sixbit(step, d), sixbit(minimum, dmin)
+    scale = np.broadcast_to((d.astype(np.float32)[..., None] * sc)[..., None], x.shape)
+    shifted = x + (dmin.astype(np.float32)[..., None] * m)[..., None]
+    q = np.clip(np.rint(np.divide(shifted, scale, out=np.zeros_like(x), where=scale > 0)), 0, 31).astype(np.uint8)
+    packed_scales = np.concatenate(
+        [
+            (sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6),
+            (m[..., :4] & 63) | ((m[..., 4:] >> 4) << 6),
+            (sc[..., 4:] & 15) | ((m[..., 4:] & 15) << 4),
+        ],
+        axis=-1,
+    )  # fmt: skip
+    high = ((q >> 4) << np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)).sum(axis=2, dtype=np.uint8)  # [rows, blocks, 32]
+    nibbles = (q & 15).reshape(rows, blocks, 4, 2, 32)
+    packed_values = (nibbles[..., 0, :] | (nibbles[..., 1, :] << 4)).reshape(rows, blocks, 128)
+    halves = np.stack([d, dmin], axis=-1).view(np.uint8).reshape(rows, blocks, 4)
+    return np.concatenate([halves, packed_scales, high, packed_values], axis=-1).reshape(rows, blocks * 176)
+
+
+WRITERS = {"Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k, "Q6_K": quantize_q6_k}  # the types `gguf` cannot write
 
 
 def write_gguf(

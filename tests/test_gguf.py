@@ -15,7 +15,7 @@ from tiny_models import make_tiny_checkpoint
 from chat_core import Engine, SamplingParams, open_checkpoint
 from chat_core.layers import native_kernels
 
-QTYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q6_K"]
+QTYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +33,8 @@ PATHS = {
 
 CASES = (
     [(qtype, "dequantized") for qtype in QTYPES]
-    + [(qtype, "kept-quantized") for qtype in ("Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q5_0")]
-    + [(qtype, "default") for qtype in ("Q8_0", "Q6_K", "Q5_0")]
+    + [(qtype, "kept-quantized") for qtype in ("Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q5_0", "Q5_1", "Q5_K")]
+    + [(qtype, "default") for qtype in ("Q8_0", "Q6_K", "Q5_0", "Q5_K")]
 )
 
 
@@ -50,21 +50,24 @@ def test_gguf_types_load_and_match_transformers_on_the_same_weights(tmp_path, re
     path = str(tmp_path / f"tiny-{qtype}.gguf")
     stored = write_gguf(path, model, qtype)
     layers = assert_answers_as_transformers(path, model, stored, PATHS[path_name], wide=qtype.endswith("_K"))
-    if path_name != "dequantized" and qtype in ("Q8_0", "Q6_K", "Q5_0"):  # 8-bit groups where the native kernels run
+    if path_name != "dequantized" and qtype in ("Q8_0", "Q6_K", "Q5_0", "Q5_1", "Q5_K"):  # 8-bit groups where the native kernels run
         assert layers[0].mlp.down_proj.method.name == (qtype.lower() if native_kernels.available() else "dense")
 
 
-def test_a_q4_k_m_mix_keeps_each_layer_as_stored_where_a_kernel_takes_it(tmp_path, wide_llama):
-    """As llama.cpp's Q4_K_M mixes types (v and down projections in Q6_K): Q4_K layers stay 4-bit, Q6_K ones
-    8-bit where the native kernels run, and a fused layer of mixed types keeps each part as it is stored."""
-    path = str(tmp_path / "tiny-q4_k_m.gguf")
-    stored = write_gguf(path, wide_llama, "Q4_K", overrides={"attn_v.weight": "Q6_K", "ffn_down.weight": "Q6_K"})
+@pytest.mark.parametrize("base", ["Q4_K", "Q5_K"])
+def test_a_k_m_mix_keeps_each_layer_as_stored_where_a_kernel_takes_it(tmp_path, wide_llama, base):
+    """As llama.cpp's Q4_K_M and Q5_K_M mix types (v and down projections in Q6_K): Q4_K layers stay 4-bit,
+    Q5_K and Q6_K ones 8-bit where the native kernels run, and a fused layer of parts on different kernels keeps
+    each part as it is stored."""
+    path = str(tmp_path / f"tiny-{base}_m.gguf")
+    stored = write_gguf(path, wide_llama, base, overrides={"attn_v.weight": "Q6_K", "ffn_down.weight": "Q6_K"})
     engine_layers = assert_answers_as_transformers(path, wide_llama, stored, {}, wide=True)
     native = native_kernels.available()
+    kept = "int4" if base == "Q4_K" else ("q5_k" if native else "dense")
     for layer in engine_layers:
-        assert layer.mlp.gate_up_proj.method.name == "int4" and layer.self_attn.o_proj.method.name == "int4"
+        assert layer.mlp.gate_up_proj.method.name == kept and layer.self_attn.o_proj.method.name == kept
         assert layer.mlp.down_proj.method.name == ("q6_k" if native else "dense")
-        assert layer.self_attn.qkv_proj.method.name == ("int4 | int4 | q6_k" if native else "int4 | int4 | dense")
+        assert layer.self_attn.qkv_proj.method.name == f"{kept} | {kept} | {'q6_k' if native else 'dense'}"
 
 
 def test_where_k_quants_do_not_fit_llama_cpp_falls_back_to_q5_0_and_q8_0_which_are_kept_too(tmp_path, tiny_llama):

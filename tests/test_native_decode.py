@@ -91,18 +91,18 @@ def test_bfloat16_models_are_recorded_in_float32_and_land_closer_to_the_float32_
     assert recorded_error < eager_error and recorded_error < 0.05 * scale, (recorded_error, eager_error, scale)
 
 
-@pytest.mark.parametrize("mix", ["Q4_K, Q6_K down and table", "Q4_K_M: Q6_K v in the fused q/k/v"])
+@pytest.mark.parametrize("mix", ["Q4_K, Q6_K down and table", "Q4_K_M: Q6_K v in the fused q/k/v", "Q5_K_M"])
 def test_k_quants_decode_through_the_recorded_step_with_the_eager_bits(tmp_path, mix):
-    """GGUF Q4_K layers (int4 groups with float32 scales) and Q6_K ones (int8 groups of 16), a Q6_K tied
-    embedding, a fused q/k/v of both kinds (each part on its kernel, its columns copied into place): every
-    decode step replayed gives the eager step's logits bit for bit."""
+    """GGUF Q4_K layers (int4 groups with float32 scales), Q5_K ones (int8 groups with minima) and Q6_K ones (int8
+    groups of 16), a Q6_K tied embedding, a fused q/k/v of two kinds (each part on its kernel, its columns copied
+    into place): every decode step replayed gives the eager step's logits bit for bit."""
     model = make_tiny_checkpoint(str(tmp_path / "wide"), "llama_tied", vocab_size=384, hidden_size=256, intermediate_size=512)
     path = str(tmp_path / "k-quants.gguf")
-    if mix.startswith("Q4_K_M"):
+    if mix.startswith(("Q4_K_M", "Q5_K_M")):
         overrides = {"attn_v.weight": "Q6_K", "ffn_down.weight": "Q6_K"}
     else:
         overrides = {"ffn_down.weight": "Q6_K", "token_embd.weight": "Q6_K"}
-    write_gguf(path, model, "Q4_K", overrides=overrides)
+    write_gguf(path, model, mix[:4], overrides=overrides)
     expected_tokens, expected_logits, none = run(path, enforce_eager=True)
     tokens, logits, native = run(path)
     assert none is None and native is not None and native.steps > 0

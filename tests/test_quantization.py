@@ -104,13 +104,15 @@ def test_the_int4_kernel_multiplies_by_the_stored_weights_and_reads_rows_back(ou
     rows=st.integers(1, 150),
     groups=st.integers(1, 5),
     group=st.sampled_from([0, 32, 16]),
+    with_low=st.booleans(),
     compute=st.sampled_from(list(DTYPES)),
     batch=st.integers(1, 9),
     seed=st.integers(0, 2**16),
 )
-def test_the_int8_kernel_multiplies_by_the_stored_weights_and_reads_rows_back(rows, groups, group, compute, batch, seed):
-    """Per row (group 0: quantized from floats) and per 32 or 16 inputs (GGUF Q8_0, Q6_K), through the native
-    kernel (float32) or torch's (bfloat16; per row only); rows read back are exactly q x scale."""
+def test_the_int8_kernel_multiplies_by_the_stored_weights_and_reads_rows_back(rows, groups, group, with_low, compute, batch, seed):
+    """Per row (group 0: quantized from floats) and per 32 or 16 inputs (GGUF Q8_0, Q6_K; with minima: Q5_1, Q5_K),
+    through the native kernel (float32) or torch's (bfloat16; per row only); rows read back are exactly
+    q x scale (+ low)."""
     generator = torch.Generator().manual_seed(seed)
     cols = 32 * groups
     kernel = Int8Kernel(CPU, compute_dtype=DTYPES[compute])
@@ -122,6 +124,7 @@ def test_the_int8_kernel_multiplies_by_the_stored_weights_and_reads_rows_back(ro
         quantized = Int8Groups(
             torch.randint(-128, 128, (rows, cols), dtype=torch.int8, generator=generator),
             torch.rand(rows, cols // group, generator=generator).half().float(),  # GGUF's scales: float16 (times int8)
+            -torch.rand(rows, cols // group, generator=generator).half().float() * 64 if with_low else None,
         )
     else:
         quantized = quantize_int8(random_weight(rows, cols + seed % 7, seed), round_to=DTYPES[compute])
@@ -153,6 +156,7 @@ def test_the_native_kernels_give_a_row_the_same_bits_whatever_it_is_batched_with
         (int8, int8.pack(quantize_int8(random_weight(rows, 96, seed + 1)))),
         (int8, int8.pack(Int8Groups(torch.randint(-128, 128, (rows, 96), dtype=torch.int8, generator=generator), torch.rand(rows, 3)))),
         (int8, int8.pack(Int8Groups(torch.randint(-32, 32, (rows, 96), dtype=torch.int8, generator=generator), torch.rand(rows, 6)))),
+        (int8, int8.pack(Int8Groups(torch.randint(0, 32, (rows, 96), dtype=torch.int8, generator=generator), torch.rand(rows, 3), -torch.rand(rows, 3)))),
     ]
     products = [functools.partial(kernel.matmul, packed=weight) for kernel, weight in packed]
     blocks = -(-rows // 64) * 64
@@ -309,19 +313,35 @@ def test_gguf_q6_k_tensors_are_kept_as_8_bit_groups_of_16_exactly(tmp_path):
     assert tensor.read_int8_groups(1, 8, 16) is None  # not on a group boundary
 
 
-def test_gguf_q5_0_tensors_are_kept_as_8_bit_groups_exactly(tmp_path, tiny_checkpoints):
+@pytest.mark.parametrize("qtype", ["Q5_0", "Q5_1", "Q5_K"])
+def test_gguf_5_bit_tensors_are_kept_as_8_bit_groups_exactly(tmp_path, tiny_checkpoints, qtype):
+    """Q5_0: d (q - 16); Q5_1: d q + m; Q5_K: (d sc) q - (dmin m): int8 groups of 32 (with minima for the last
+    two), the same float operations as gguf's, read back from the packed kernel weight bit for bit."""
     import numpy as np
     from gguf.quants import dequantize
 
-    path = str(tmp_path / "tiny-Q5_0.gguf")
-    write_gguf(path, tiny_checkpoints("llama_tied")[1], "Q5_0")
+    path = str(tmp_path / f"tiny-{qtype}.gguf")
+    if qtype == "Q5_K":  # blocks of 256 inputs
+        model = make_tiny_checkpoint(str(tmp_path / "wide"), "llama_tied", hidden_size=256, intermediate_size=512)
+    else:
+        model = tiny_checkpoints("llama_tied")[1]
+    write_gguf(path, model, qtype)
     tensor = dict(open_checkpoint(path).tensors())["model.layers.1.mlp.down_proj.weight"]
     groups = tensor.read_int8_groups(None)
     expected = dequantize(np.ascontiguousarray(tensor._tensor.data), tensor._tensor.tensor_type).reshape(tensor.shape)
-    assert groups.group_size == 32 and int(groups.q.min()) >= -16 and int(groups.q.max()) <= 15
-    assert torch.equal(groups.dequantize(), torch.from_numpy(np.ascontiguousarray(expected)))  # d (q - 16), as gguf
+    expected = torch.from_numpy(np.ascontiguousarray(expected))
+    values = (-16, 15) if qtype == "Q5_0" else (0, 31)
+    assert groups.group_size == 32 and (groups.low is None) == (qtype == "Q5_0")
+    assert values[0] <= int(groups.q.min()) and int(groups.q.max()) <= values[1]
+    assert torch.equal(groups.dequantize(), expected)
+    kernel = Int8Kernel(CPU, compute_dtype=torch.float32)
+    if kernel.supports_groups:
+        packed = kernel.pack(groups)
+        assert torch.equal(kernel.read_rows(packed, torch.arange(tensor.shape[0]), torch.float32), expected)
     right = tensor.read_int8_groups(1, 32, 64)
     assert torch.equal(right.q, groups.q[:, 32:96]) and torch.equal(right.scale, groups.scale[:, 1:3])
+    if groups.low is not None:
+        assert torch.equal(right.low, groups.low[:, 1:3])
     assert tensor.read_int8_groups(1, 16, 32) is None  # not on a group boundary
 
 

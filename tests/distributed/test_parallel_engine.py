@@ -89,10 +89,10 @@ def test_smollm2_tensor_parallel_3_and_pipeline_2_answer_like_one_process(smollm
     assert not left_behind()
 
 
-@pytest.mark.parametrize("o_proj", ["Q4_K", "Q6_K"])
+@pytest.mark.parametrize("o_proj", ["Q4_K", "Q5_K", "Q6_K"])
 def test_a_k_quant_gguf_split_inside_its_blocks_answers_like_one_process(tmp_path, o_proj, left_behind):
     """K-quants store blocks of 256 inputs; under tp=2 the row-parallel o_proj gives each rank 128 of them (groups
-    of 32 or 16 read from inside the blocks), down_proj 256. Exact kernels: the same answers as one process
+    of 32 or 16, minima too, read from inside the blocks), down_proj 256. Exact kernels: the same answers as one process
     (log-probs within 1e-4: sums over 256-512 inputs, split in two)."""
     model = make_tiny_checkpoint(str(tmp_path / "wide"), "llama_tied", hidden_size=256, intermediate_size=512)
     path = str(tmp_path / "wide-k-quants.gguf")

@@ -8,8 +8,8 @@
   the LM head in int8 (on SmolLM2 an int4 head raised perplexity from 16.5 to 17.7 and dropped teacher-forced
   top-1 agreement with the dense model from 97% to 78%; int8 there costs nothing measurable, and as little time).
 - `"gguf"`: a GGUF's quantized tensors kept as they are where a kernel multiplies them exactly: Q4_0, Q4_1
-  and Q4_K as 4-bit groups of 32, and (on CPUs where the native kernels of `native_kernels` run) Q8_0, Q5_0
-  and Q6_K as int8 with a scale per 32 (Q6_K: 16) inputs; every other tensor dequantized as with `None`. Without the native
+  and Q4_K as 4-bit groups of 32, and (on CPUs where the native kernels of `native_kernels` run) Q8_0, Q5_0,
+  Q5_1, Q5_K and Q6_K as int8 with a scale (and for Q5_1/Q5_K a minimum) per 32 (Q6_K: 16) inputs; every other tensor dequantized as with `None`. Without the native
   kernels Q8_0 stays dense on purpose: its per-32 scales fit no torch kernel, and re-rounding it to one scale per row
   (int8), though it moved SmolLM2's perplexity only from 16.48 to 16.53, flips the first token of its answer
   to "What is the capital of France?" (a 0.1-logit tie), as does a bfloat16 copy of its Q8_0 embedding/LM head.

@@ -133,16 +133,39 @@ def _q4_k_groups(raw: np.ndarray) -> Int4Groups:
     return Int4Groups(torch.from_numpy(q), torch.from_numpy(scale), torch.from_numpy(low + 8 * scale), INT4_GROUP_SIZE, torch.from_numpy(low))
 
 
-def _q5_0_groups(raw: np.ndarray) -> Int8Groups:
-    """Q5_0 blocks [rows, groups * 22 bytes] as int8 groups of 32: w = d (q - 16), q 5 bits (the low 4 in nibbles,
-    value j and j + 16 in byte j; the fifth in a 32-bit mask), d the group's float16, as `gguf` dequantizes them."""
+def _q5_groups(raw: np.ndarray, with_minimum: bool) -> Int8Groups:
+    """Q5_0 blocks [rows, groups * 22 bytes] as int8 groups of 32, w = d (q - 16), or Q5_1 ones (24 bytes), w = d q + m:
+    q 5 bits (the low 4 in nibbles, value j and j + 16 in byte j; the fifth in a 32-bit mask), d and m the
+    group's float16 numbers, as `gguf` dequantizes them."""
     rows = raw.shape[0]
-    blocks = raw.reshape(-1, 22)  # float16 d, 4 bytes of high bits, 16 bytes of low nibbles
+    header = 4 if with_minimum else 2  # float16 d (and m), then 4 bytes of high bits, 16 bytes of low nibbles
+    blocks = raw.reshape(-1, header + 20)
     d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # [groups, 1]
-    high = (blocks[:, 2:6].copy().view(np.uint32) >> np.arange(32, dtype=np.uint32)) & 1  # [groups, 32]
-    low = (blocks[:, 6:22].reshape(-1, 1, 16) >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)) & 0x0F
-    q = (low.reshape(-1, 32) | (high.astype(np.uint8) << 4)).astype(np.int8) - np.int8(16)
-    return Int8Groups(torch.from_numpy(q.reshape(rows, -1)), torch.from_numpy(d.reshape(rows, -1)))
+    high = (blocks[:, header : header + 4].copy().view(np.uint32) >> np.arange(32, dtype=np.uint32)) & 1  # [groups, 32]
+    low_bits = (blocks[:, header + 4 :].reshape(-1, 1, 16) >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)) & 0x0F
+    q = (low_bits.reshape(-1, 32) | (high.astype(np.uint8) << 4)).astype(np.int8)
+    if not with_minimum:
+        return Int8Groups(torch.from_numpy((q - np.int8(16)).reshape(rows, -1)), torch.from_numpy(d.reshape(rows, -1)))
+    m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    return Int8Groups(torch.from_numpy(q.reshape(rows, -1)), torch.from_numpy(d.reshape(rows, -1)), torch.from_numpy(m.reshape(rows, -1)))
+
+
+def _q5_k_groups(raw: np.ndarray) -> Int8Groups:
+    """Q5_K blocks [rows, blocks * 176 bytes] as int8 groups of 32: w = (d sc) q - (dmin m) as in Q4_K, q 5 bits (the
+    fifth of group g's value j is bit g of byte j of 32 bytes of high bits), as `gguf` dequantizes them."""
+    from gguf.quants import Q4_K
+
+    rows = raw.shape[0]
+    blocks = raw.reshape(-1, 176)  # d, dmin, 12 bytes of scales and minima, 32 of high bits, 128 of low nibbles
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # [blocks, 1]
+    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    sc, m = Q4_K.get_scale_min(blocks[:, 4:16].copy())  # the same packing as Q4_K's
+    high = (blocks[:, 16:48].reshape(-1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1  # [blocks, 8, 32]
+    low_bits = (blocks[:, 48:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 0x0F
+    q = (low_bits.reshape(-1, 8, 32) | (high << 4)).astype(np.int8)
+    scale = (d * sc.astype(np.float32)).reshape(rows, -1)
+    low = -(dmin * m.astype(np.float32)).reshape(rows, -1)
+    return Int8Groups(torch.from_numpy(q.reshape(rows, -1)), torch.from_numpy(scale), torch.from_numpy(low))
 
 
 def _q6_k_groups(raw: np.ndarray) -> Int8Groups:
@@ -222,17 +245,19 @@ class GGUFTensor:
 
     def read_int8_groups(self, dim: int | None, start: int = 0, length: int | None = None) -> Int8Groups | None:
         """The slice as stored, for a Q8_0 matrix (int8 values, a scale per 32), a Q5_0 one (5-bit values less 16, a
-        scale per 32) or a Q6_K one (6-bit values, a scale per 16); None for any other type, or a column slice
-        that cuts the groups."""
+        scale per 32), a Q5_1 or Q5_K one (5-bit values, a scale and a minimum per 32) or a Q6_K one (6-bit values,
+        a scale per 16); None for any other type, or a column slice that cuts the groups."""
         if self.type_name == "Q6_K":
             return self._k_quant_groups(dim, start, length, Q6_K_GROUP_SIZE, _q6_k_groups)
-        if self.type_name not in ("Q8_0", "Q5_0"):
+        if self.type_name == "Q5_K":
+            return self._k_quant_groups(dim, start, length, INT8_GROUP_SIZE, _q5_k_groups)
+        if self.type_name not in ("Q8_0", "Q5_0", "Q5_1"):
             return None
         raw = self._raw_slice(dim, start, length)
         if raw is None:
             return None
-        if self.type_name == "Q5_0":
-            return _q5_0_groups(np.ascontiguousarray(raw))
+        if self.type_name in ("Q5_0", "Q5_1"):
+            return _q5_groups(np.ascontiguousarray(raw), with_minimum=self.type_name == "Q5_1")
         rows = raw.shape[0]
         blocks = np.ascontiguousarray(raw).reshape(rows, -1, 2 + INT8_GROUP_SIZE)
         d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # [rows, groups]

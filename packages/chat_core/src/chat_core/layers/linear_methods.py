@@ -12,7 +12,8 @@ the method, the layer ends up holding one copy of its weight.
   multiplied in float32: faster than oneDNN's bfloat16 product here at every batch size measured.
 - `Int8Method`: int8 with a scale per output row, quantized from the checkpoint's floats.
 - `Int4Method`: 4-bit groups, quantized from floats or taken as they are from a GGUF Q4_0/Q4_1/Q4_K tensor.
-- `Int8GroupsMethod`: a GGUF Q8_0, Q5_0 or Q6_K tensor taken as it is (int8, a scale per 32 or 16 inputs).
+- `Int8GroupsMethod`: a GGUF Q8_0, Q5_0, Q5_1, Q5_K or Q6_K tensor taken as it is (int8, a scale per 32 or 16
+  inputs, and a minimum for Q5_1/Q5_K).
 - `PartsMethod`: a fused layer whose parts are stored in formats no one kernel takes, each part on its own.
 """
 
@@ -26,7 +27,7 @@ from torch import nn
 
 from chat_core.checkpoint.tensor_source import TensorSource
 from chat_core.layers import cpu_gemm, native_kernels
-from chat_core.layers.weight_formats import INT4_GROUP_SIZES, INT8_GROUP_SIZE, Q6_K_GROUP_SIZE, Int4Groups, quantize_int4, quantize_int8
+from chat_core.layers.weight_formats import INT4_GROUP_SIZES, INT8_GROUP_SIZE, Q6_K_GROUP_SIZE, Int4Groups, Int8Groups, quantize_int4, quantize_int8
 from chat_core.layers.weight_kernels import Int4Kernel, Int8Kernel, PackedInt4
 
 
@@ -182,11 +183,17 @@ class Int8Method(LinearMethod):
 
     def finish(self, layer) -> None:
         parts = _staged_slices(layer, "int8")
-        packed = self.kernel.pack(type(parts[0])(_joined([p.q for p in parts]), _joined([p.scale for p in parts])))
+        q, scale = _joined([p.q for p in parts]), _joined([p.scale for p in parts])
+        if any(getattr(p, "low", None) is not None for p in parts):  # minima (Q5_1, Q5_K), zero for parts without
+            low = _joined([p.low if p.low is not None else torch.zeros_like(p.scale) for p in parts])
+            packed = self.kernel.pack(Int8Groups(q, scale, low))
+        else:
+            packed = self.kernel.pack(type(parts[0])(q, scale))
         layer.packed_int8 = packed
         # Registered as buffers so they move and count like every other tensor of the module.
         layer.register_buffer("int8_weight", packed.weight, persistent=False)
         layer.register_buffer("int8_scale", packed.scale, persistent=False)
+        layer.register_buffer("int8_low", packed.low, persistent=False)
 
     def apply(self, layer, x):
         return self.kernel.matmul(x, layer.packed_int8)
@@ -196,15 +203,15 @@ class Int8Method(LinearMethod):
 
 
 # GGUF types whose values fit int8 with one scale per group of inputs (that many), which int8 groups take exactly.
-GGUF_INT8_GROUP_SIZES = {"Q8_0": INT8_GROUP_SIZE, "Q5_0": INT8_GROUP_SIZE, "Q6_K": Q6_K_GROUP_SIZE}
+GGUF_INT8_GROUP_SIZES = {"Q8_0": INT8_GROUP_SIZE, "Q5_0": 32, "Q5_1": 32, "Q5_K": 32, "Q6_K": Q6_K_GROUP_SIZE}
 
 
 class Int8GroupsMethod(Int8Method):
     """8-bit weights with a scale per group of inputs, read as a GGUF tensor stores them (not re-rounded): Q8_0
-    (groups of 32), Q5_0 (5-bit values less 16, groups of 32) or Q6_K (6-bit values, groups of 16), multiplied in
-    float32 by the native CPU kernel: the same weights as the dequantized table, a quarter of the memory. A fused
-    layer may mix types of one group size (q/k Q5_0 and v Q8_0). Only for checkpoint tensors stored so
-    (`QuantizationPlan` sees to it)."""
+    (groups of 32), Q5_0 (5-bit values less 16, groups of 32), Q5_1 and Q5_K (5-bit values and a minimum per 32)
+    or Q6_K (6-bit values, groups of 16), multiplied in float32 by the native CPU kernel: the same weights as the
+    dequantized table, a quarter of the memory. A fused layer may mix types of one group size (q/k Q5_0 and v
+    Q8_0). Only for checkpoint tensors stored so (`QuantizationPlan` sees to it)."""
 
     def __init__(self, dtype: torch.dtype, device: torch.device, stored_as: str | tuple[str, ...] = "Q8_0") -> None:
         super().__init__(dtype, device, torch.float32)

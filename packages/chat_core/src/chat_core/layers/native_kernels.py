@@ -127,7 +127,7 @@ def _load(path: Path) -> ctypes.CDLL:
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     loaded.chat_int4_matmul.argtypes = [pointer] * 3 + [ctypes.c_int, pointer] + [size] * 4 + [ctypes.c_int]
     loaded.chat_int4_matmul.restype = ctypes.c_int
-    loaded.chat_int8_matmul.argtypes = [pointer] * 3 + [size, pointer] + [size] * 3 + [ctypes.c_int]
+    loaded.chat_int8_matmul.argtypes = [pointer] * 4 + [size, pointer] + [size] * 3 + [ctypes.c_int]
     loaded.chat_int8_matmul.restype = ctypes.c_int
     loaded.chat_bf16_matmul.argtypes = [pointer] * 3 + [size] * 3 + [ctypes.c_int]
     loaded.chat_bf16_matmul.restype = ctypes.c_int
@@ -151,6 +151,7 @@ def _check(library: ctypes.CDLL) -> None:
     q8 = torch.randint(-128, 128, (rows, cols), dtype=torch.int8, generator=generator)
     scales_per_32, scales_per_16 = (torch.rand(cols // group, rows, generator=generator) for group in (32, 16))
     row_scale = torch.rand(rows, generator=generator)
+    low_per_32 = torch.randn(cols // 32, rows, generator=generator)
     weight16 = torch.randn(rows, cols, generator=generator).bfloat16()
     for count in (1, 5):
         rows_x = x[:count].contiguous()
@@ -159,6 +160,10 @@ def _check(library: ctypes.CDLL) -> None:
             (_int4(library, rows_x, pack_int4(q4), scale_low.half(), 32), int4_weight(scale_low.half())),
             (_int8(library, rows_x, pack_int8(q8), scales_per_32), q8.float() * scales_per_32.t().repeat_interleave(32, 1)),
             (_int8(library, rows_x, pack_int8(q8), scales_per_16), q8.float() * scales_per_16.t().repeat_interleave(16, 1)),
+            (
+                _int8(library, rows_x, pack_int8(q8), scales_per_32, low_per_32),
+                q8.float() * scales_per_32.t().repeat_interleave(32, 1) + low_per_32.t().repeat_interleave(32, 1),
+            ),
             (_int8(library, rows_x, pack_int8(q8), row_scale), q8.float() * row_scale.unsqueeze(1)),
             (_bf16(library, rows_x, pack_bf16(weight16)), weight16.float()),
         ]
@@ -223,16 +228,20 @@ def _int4(library: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, scale_low
     return y
 
 
-def _int8(library: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _int8(library: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | None = None) -> torch.Tensor:
     rows, cols = x.shape
     out_features = packed.shape[0]
     y = torch.empty(rows, out_features)
     if rows:
         group = cols // scale.shape[0] if scale.dim() == 2 else 0  # [cols // group, out]; else [out]: one per row
-        library.chat_int8_matmul(
-            x.data_ptr(), packed.data_ptr(), scale.data_ptr(), group, y.data_ptr(), rows, out_features, cols,
-            torch.get_num_threads(),
+        if low is not None and (group == 0 or low.shape != scale.shape):
+            raise ValueError(f"int8 minima {tuple(low.shape)} need scales per group of the same shape, got {tuple(scale.shape)}")
+        status = library.chat_int8_matmul(
+            x.data_ptr(), packed.data_ptr(), scale.data_ptr(), low.data_ptr() if low is not None else None, group,
+            y.data_ptr(), rows, out_features, cols, torch.get_num_threads(),
         )  # fmt: skip
+        if status:
+            raise MemoryError(f"chat_int8_matmul could not allocate scratch for {rows} rows")
     return y
 
 
@@ -253,12 +262,13 @@ def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scale_low: torch.Tensor, 
     return _int4_op(x, packed, scale_low, group)
 
 
-def int8_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def int8_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | None = None) -> torch.Tensor:
     """x [rows, cols] float32 @ W.T for a `pack_int8` weight q [out, cols] times `scale`: float32 [cols // group, out]
-    (one scale per `group` inputs: 32 for GGUF's Q8_0, 16 for Q6_K) or [out] (one per row) -> [rows, out]."""
+    (one scale per `group` inputs: 32 for GGUF's Q8_0, 16 for Q6_K) or [out] (one per row), plus `low` (float32
+    [cols // group, out], the value of q = 0: GGUF's Q5_1 and Q5_K minima) where given -> [rows, out]."""
     if torch.compiler.is_compiling():
-        return torch.ops.chat_core.int8_mm(x, packed, scale)
-    return _int8_op(x, packed, scale)
+        return torch.ops.chat_core.int8_mm(x, packed, scale, low)
+    return _int8_op(x, packed, scale, low)
 
 
 def bf16_matmul(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
@@ -278,8 +288,8 @@ def _int4_op(x: torch.Tensor, packed: torch.Tensor, scale_low: torch.Tensor, gro
     return _int4(_loaded(), x.contiguous(), packed, scale_low, group)
 
 
-def _int8_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return _int8(_loaded(), x.contiguous(), packed, scale)
+def _int8_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor | None = None) -> torch.Tensor:
+    return _int8(_loaded(), x.contiguous(), packed, scale, low)
 
 
 def _bf16_op(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
@@ -289,7 +299,7 @@ def _bf16_op(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 _LIBRARY = torch.library.Library("chat_core", "FRAGMENT")
 _LIBRARY.define("int4_mm(Tensor x, Tensor packed, Tensor scale_low, int group) -> Tensor")
 _LIBRARY.impl("int4_mm", _int4_op, "CompositeExplicitAutograd")
-_LIBRARY.define("int8_mm(Tensor x, Tensor packed, Tensor scale) -> Tensor")
+_LIBRARY.define("int8_mm(Tensor x, Tensor packed, Tensor scale, Tensor? low=None) -> Tensor")
 _LIBRARY.impl("int8_mm", _int8_op, "CompositeExplicitAutograd")
 _LIBRARY.define("bf16_mm(Tensor x, Tensor packed) -> Tensor")
 _LIBRARY.impl("bf16_mm", _bf16_op, "CompositeExplicitAutograd")
@@ -301,7 +311,7 @@ def _(x, packed, scale_low, group):  # type: ignore[no-untyped-def]
 
 
 @torch.library.register_fake("chat_core::int8_mm")
-def _(x, packed, scale):  # type: ignore[no-untyped-def]
+def _(x, packed, scale, low=None):  # type: ignore[no-untyped-def]
     return x.new_empty(x.shape[0], packed.shape[0])
 
 

@@ -1,8 +1,8 @@
 """Weight-only quantization formats, as plain tensors: what a quantized weight *is*, not how it is multiplied.
 
 - `Int8Channels`: symmetric int8 with one scale per output row: w[n, k] = scale[n] * q[n, k].
-- `Int8Groups`: int8 with a scale per group of inputs: w[n, k] = scale[n, k // group] * q[n, k]: GGUF's Q8_0 (groups
-  of 32) and Q6_K (6-bit values, groups of 16) as stored.
+- `Int8Groups`: int8 with a scale per group of inputs: w[n, k] = scale[n, k // group] * q[n, k] (+ low[n, k // group]
+  where given): GGUF's Q8_0, Q5_0 and Q5_1 (groups of 32), Q6_K (16) and Q5_K (32, with minima) as stored.
 - `Int4Groups`: 4-bit values in groups of `group_size` along the input: w[n, k] = scale[n, g] * (q[n, k] - 8) + zero[n, g]
   with g = k // group_size and q in 0..15 (the layout of torch's int4 kernels). GGUF's Q4_0 (zero = 0) and Q4_1
   (w = d q + m, so zero = m + 8 d) map onto it directly, so they are read into it without a round trip through floats.
@@ -35,12 +35,15 @@ class Int8Channels:
 @dataclass(frozen=True)
 class Int8Groups:
     q: torch.Tensor  # [rows, cols] int8
-    scale: torch.Tensor  # [rows, cols // group_size] float32: GGUF's Q8_0 (groups of 32) and Q6_K (16)
+    scale: torch.Tensor  # [rows, cols // group_size] float32: GGUF's Q8_0 and Q5_0 (groups of 32), Q6_K (16)
+    low: torch.Tensor | None = None  # [rows, cols // group_size] float32, the value of q = 0: Q5_1's and Q5_K's minima
 
     def __post_init__(self) -> None:
         rows, cols = self.q.shape
         if self.scale.dim() != 2 or self.scale.shape[0] != rows or not self.scale.shape[1] or cols % self.scale.shape[1]:
             raise ValueError(f"Int8Groups: scale {tuple(self.scale.shape)} does not divide q {tuple(self.q.shape)} into groups")
+        if self.low is not None and self.low.shape != self.scale.shape:
+            raise ValueError(f"Int8Groups: low {tuple(self.low.shape)} differs from scale {tuple(self.scale.shape)}")
 
     @property
     def group_size(self) -> int:
@@ -48,12 +51,16 @@ class Int8Groups:
 
     def dequantize(self) -> torch.Tensor:
         rows, cols = self.q.shape
-        return (self.q.float().view(rows, -1, self.group_size) * self.scale.unsqueeze(-1)).reshape(rows, cols)
+        weight = self.q.float().view(rows, -1, self.group_size) * self.scale.unsqueeze(-1)
+        if self.low is not None:
+            weight = weight + self.low.unsqueeze(-1)
+        return weight.reshape(rows, cols)
 
     def columns(self, start: int, length: int) -> Int8Groups:
         """Inputs start..start+length (on group boundaries)."""
         first, count = start // self.group_size, length // self.group_size
-        return Int8Groups(self.q[:, start : start + length].contiguous(), self.scale[:, first : first + count].contiguous())
+        low = None if self.low is None else self.low[:, first : first + count].contiguous()
+        return Int8Groups(self.q[:, start : start + length].contiguous(), self.scale[:, first : first + count].contiguous(), low)
 
 
 @dataclass(frozen=True)

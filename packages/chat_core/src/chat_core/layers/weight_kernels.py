@@ -170,6 +170,7 @@ class PackedInt8:
     scale: torch.Tensor
     out_features: int
     in_features: int
+    low: torch.Tensor | None = None  # the native kernel's minima per group (as `scale`), where the format has them
 
 
 class Int8Kernel:
@@ -192,7 +193,9 @@ class Int8Kernel:
             padded = -(-rows // native_kernels.INT8_BLOCK_ROWS) * native_kernels.INT8_BLOCK_ROWS
             q = F.pad(weight.q, (0, 0, 0, padded - rows))  # zero rows: their outputs are sliced away
             scale = F.pad(weight.scale.float().t() if grouped else weight.scale.float(), (0, padded - rows))
-            return PackedInt8(native_kernels.pack_int8(q), scale.contiguous(), rows, cols)
+            low = getattr(weight, "low", None)
+            low = F.pad(low.float().t(), (0, padded - rows)).contiguous() if low is not None else None
+            return PackedInt8(native_kernels.pack_int8(q), scale.contiguous(), rows, cols, low)
         if grouped:
             raise ValueError(f"int8 with a scale per {weight.group_size} inputs needs the native CPU kernel; unavailable on {self.device}")
         return PackedInt8(weight.q.to(self.device).contiguous(), weight.scale.to(self.compute_dtype).to(self.device), rows, cols)
@@ -200,7 +203,7 @@ class Int8Kernel:
     def matmul(self, x: torch.Tensor, packed: PackedInt8) -> torch.Tensor:
         rows = x.reshape(-1, packed.in_features).to(self.compute_dtype)
         if self.native:
-            y = native_kernels.int8_matmul(rows, packed.weight, packed.scale)[:, : packed.out_features]
+            y = native_kernels.int8_matmul(rows, packed.weight, packed.scale, packed.low)[:, : packed.out_features]
         elif _has_int8pack_mm(self.device.type) and packed.in_features % 16 == 0:
             # (torch 2.13's CPU kernel reads out of bounds with bfloat16 rows of other widths: it crashes)
             y = torch.ops.aten._weight_int8pack_mm(rows, packed.weight, packed.scale)
@@ -214,8 +217,9 @@ class Int8Kernel:
             q, scale = packed.weight.index_select(0, row_ids), packed.scale.index_select(0, row_ids)
             return (q.to(dtype) * scale.unsqueeze(1)).to(dtype)
         q = native_kernels.unpack_int8_rows(packed.weight, row_ids)
-        if packed.scale.dim() == 2:  # a scale per group of inputs
-            return Int8Groups(q, packed.scale.index_select(1, row_ids).t()).dequantize().to(dtype)
+        if packed.scale.dim() == 2:  # a scale (and a minimum) per group of inputs
+            low = packed.low.index_select(1, row_ids).t() if packed.low is not None else None
+            return Int8Groups(q, packed.scale.index_select(1, row_ids).t(), low).dequantize().to(dtype)
         return (q.float() * packed.scale.index_select(0, row_ids).unsqueeze(1)).to(dtype)
 
 

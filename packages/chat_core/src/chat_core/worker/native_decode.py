@@ -16,7 +16,7 @@ float32 model than the eager bfloat16 step, not equal to it (tested against both
 operation has such a kernel:
 - the model is our `LlamaForCausalLM` (not a subclass), of a single rank (no tensor or pipeline parallel);
 - the KV cache is float32 or bfloat16 on a CPU whose native kernels are built;
-- every linear layer's weight is on a native kernel (GGUF Q4_0/Q4_1/Q4_K/Q5_0/Q6_K/Q8_0 kept quantized,
+- every linear layer's weight is on a native kernel (a GGUF's quantized tensors kept as stored,
   `quantization="int4"/"int8"`, or dense bfloat16) with a multiple of 64 outputs (no padded rows); a fused
   layer of parts on different kernels (`PartsMethod`) multiplies each part into a buffer of its own, whose
   columns are then copied into place.
@@ -252,7 +252,7 @@ def _product(method: LinearMethod, layer: torch.nn.Module, source: torch.Tensor,
         group = packed.in_features // packed.scale.shape[0] if packed.scale.dim() == 2 else 0  # 0: a scale per row
         return _op(
             INT8, source, target, a=packed.weight.data_ptr(), b=packed.scale.data_ptr(), c=bias_pointer,
-            n=(packed.out_features, packed.in_features, group),
+            d=packed.low.data_ptr() if packed.low is not None else 0, n=(packed.out_features, packed.in_features, group),
         )  # fmt: skip
     if isinstance(method, NativeBf16Method):
         weight = layer.bf16_weight

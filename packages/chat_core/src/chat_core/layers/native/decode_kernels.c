@@ -230,8 +230,8 @@ int chat_decode_attention(const float *q, int64_t q_stride, const float *k, int6
 
 int chat_int4_matmul(const float *x, const uint8_t *w, const void *scale_low, int half, float *y, int64_t M, int64_t N,
                      int64_t K, int64_t group, int threads);
-int chat_int8_matmul(const float *x, const int8_t *w, const float *scale, int64_t group, float *y, int64_t M, int64_t N,
-                     int64_t K, int threads);
+int chat_int8_matmul(const float *x, const int8_t *w, const float *scale, const float *low, int64_t group, float *y,
+                     int64_t M, int64_t N, int64_t K, int threads);
 int chat_bf16_matmul(const float *x, const uint16_t *w, float *y, int64_t M, int64_t N, int64_t K, int threads);
 
 /* One recorded operation of chat_run_decoder; what each field holds depends on `kind` (see the cases below).
@@ -277,8 +277,9 @@ int chat_run_decoder(const chat_op *ops, int64_t count, const chat_step *step, i
             status = chat_int4_matmul(op->in, (const uint8_t *)op->a, op->b, (int)op->n[3], op->out, rows, op->n[0], op->n[1], op->n[2], threads);
             if (op->c) add_bias(op->out, (const float *)op->c, rows, op->n[0]);
             break;
-        case OP_INT8: /* a packed weight, b scale, c bias or NULL, n0 N, n1 K, n2 inputs per scale (0: one per row) */
-            status = chat_int8_matmul(op->in, (const int8_t *)op->a, (const float *)op->b, op->n[2], op->out, rows, op->n[0], op->n[1], threads);
+        case OP_INT8: /* a packed weight, b scale, c bias or NULL, d minima or NULL, n0 N, n1 K, n2 inputs per scale (0: one per row) */
+            status = chat_int8_matmul(op->in, (const int8_t *)op->a, (const float *)op->b, (const float *)op->d, op->n[2], op->out,
+                                      rows, op->n[0], op->n[1], threads);
             if (op->c) add_bias(op->out, (const float *)op->c, rows, op->n[0]);
             break;
         case OP_BF16: /* a packed weight, c bias or NULL, n0 N, n1 K */

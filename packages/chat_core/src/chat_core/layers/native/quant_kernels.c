@@ -12,7 +12,9 @@
  *   lanes: no horizontal sums. Computed as scale * sum(q x) + low * sum(x) per group.
  * - chat_int8_matmul: 8-bit W in 64-row blocks, block b [K][64] bytes (byte j of input k: row 64 b + j),
  *   w[n, k] = q[n, k] * scale[n] (int8 per output channel, `group` 0) or q[n, k] * scale[k / group][n] (a scale
- *   per `group` inputs, K a multiple of it: GGUF's Q8_0, 32, and Q6_K, 16, whose 6-bit values fit in 8).
+ *   per `group` inputs, K a multiple of it: GGUF's Q8_0, 32, and Q6_K, 16, whose 6-bit values fit in 8), plus
+ *   low[k / group][n] where `low` is not NULL (GGUF's Q5_1 and Q5_K: 5-bit values with a minimum per 32),
+ *   added as low * sum(x) per group.
  * - chat_bf16_matmul: bfloat16 W in the int8 layout with 2-byte entries (block b [K][64], entry j of input k:
  *   row 64 b + j). A bfloat16 is the top half of a float32, so each weight widens exactly (a shift) and
  *   every product is exact in float32: the same sums as oneDNN's bfloat16 product, without rounding x.
@@ -125,17 +127,24 @@ INLINE void int8_inputs(const float *x, const int8_t *block, const __m512 *s, __
     }
 }
 
-/* Rows scale[n] (applied once at the end, `group` 0) or scale[g][n] per `group` inputs (applied per input). */
-INLINE void int8_block(const float *x, const int8_t *block, const float *scale, float *y, int64_t N, int64_t K,
-                       int64_t group, int rows) {
+/* Rows scale[n] (applied once at the end, `group` 0) or scale[g][n] per `group` inputs (applied per input),
+   then low[g][n] times the group's sum of x (xsum[r][g]) where `low` is not NULL. */
+INLINE void int8_block(const float *x, const int8_t *block, const float *scale, const float *low, const float *xsum,
+                       float *y, int64_t N, int64_t K, int64_t group, int rows) {
     __m512 acc[ROW_TILE][4];
     for (int r = 0; r < rows; r++)
         for (int j = 0; j < 4; j++) acc[r][j] = _mm512_setzero_ps();
     if (group) {
-        for (int64_t g = 0; g < K / group; g++) {
+        const int64_t groups = K / group;
+        for (int64_t g = 0; g < groups; g++) {
             __m512 s[4];
             for (int j = 0; j < 4; j++) s[j] = _mm512_loadu_ps(scale + g * N + 16 * j);
             int8_inputs(x, block, s, acc, K, g * group, (g + 1) * group, 1, rows);
+            if (low)
+                for (int j = 0; j < 4; j++) {
+                    __m512 l = _mm512_loadu_ps(low + g * N + 16 * j);
+                    for (int r = 0; r < rows; r++) acc[r][j] = _mm512_fmadd_ps(l, _mm512_set1_ps(xsum[r * groups + g]), acc[r][j]);
+                }
         }
     } else {
         int8_inputs(x, block, NULL, acc, K, 0, K, 0, rows);
@@ -148,23 +157,36 @@ INLINE void int8_block(const float *x, const int8_t *block, const float *scale, 
         for (int j = 0; j < 4; j++) _mm512_storeu_ps(y + r * N + 16 * j, acc[r][j]);
 }
 
-int chat_int8_matmul(const float *x, const int8_t *w, const float *scale, int64_t group, float *y, int64_t M, int64_t N,
-                     int64_t K, int threads) {
+int chat_int8_matmul(const float *x, const int8_t *w, const float *scale, const float *low, int64_t group, float *y,
+                     int64_t M, int64_t N, int64_t K, int threads) {
+    const int64_t groups = group ? K / group : 0;
+    float *xsum = NULL; /* each row's sum of x per group, for the minima */
+    if (low) {
+        xsum = malloc(sizeof(float) * (size_t)(M * groups + 1));
+        if (xsum == NULL) return -1;
+        for (int64_t i = 0; i < M * groups; i++) {
+            float sum = 0.f;
+            for (int64_t k = 0; k < group; k++) sum += x[i * group + k];
+            xsum[i] = sum;
+        }
+    }
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < N / 64; b++) {
         const int8_t *block = w + b * K * 64;
+        const float *sb = scale + b * 64, *lb = low ? low + b * 64 : NULL;
         for (int64_t m = 0; m < M; m += ROW_TILE) {
             int rows = M - m < ROW_TILE ? (int)(M - m) : ROW_TILE;
-            const float *xm = x + m * K;
+            const float *xm = x + m * K, *xs = xsum ? xsum + m * groups : NULL;
             float *ym = y + m * N + b * 64;
             switch (rows) { /* constant row counts: the compiler unrolls the accumulators into registers */
-                case 4: int8_block(xm, block, scale + b * 64, ym, N, K, group, 4); break;
-                case 3: int8_block(xm, block, scale + b * 64, ym, N, K, group, 3); break;
-                case 2: int8_block(xm, block, scale + b * 64, ym, N, K, group, 2); break;
-                default: int8_block(xm, block, scale + b * 64, ym, N, K, group, 1); break;
+                case 4: int8_block(xm, block, sb, lb, xs, ym, N, K, group, 4); break;
+                case 3: int8_block(xm, block, sb, lb, xs, ym, N, K, group, 3); break;
+                case 2: int8_block(xm, block, sb, lb, xs, ym, N, K, group, 2); break;
+                default: int8_block(xm, block, sb, lb, xs, ym, N, K, group, 1); break;
             }
         }
     }
+    free(xsum);
     return 0;
 }
 
