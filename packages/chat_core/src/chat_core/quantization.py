@@ -9,10 +9,12 @@
   top-1 agreement with the dense model from 97% to 78%; int8 there costs nothing measurable, and as little time).
 - `"gguf"`: a GGUF's quantized tensors kept as they are where a kernel multiplies them exactly: Q4_0, Q4_1
   and Q4_K as 4-bit groups of 32, and (on CPUs where the native kernels of `native_kernels` run) Q8_0, Q5_0,
-  Q5_1, Q5_K and Q6_K as int8 with a scale (and for Q5_1/Q5_K a minimum) per 32 (Q6_K: 16) inputs; every other tensor dequantized as with `None`. Without the native
-  kernels Q8_0 stays dense on purpose: its per-32 scales fit no torch kernel, and re-rounding it to one scale per row
-  (int8), though it moved SmolLM2's perplexity only from 16.48 to 16.53, flips the first token of its answer
-  to "What is the capital of France?" (a 0.1-logit tie), as does a bfloat16 copy of its Q8_0 embedding/LM head.
+  Q5_1, Q5_K and Q6_K as int8 with a scale (and for Q5_1/Q5_K a minimum) per 32 (Q6_K: 16) inputs; a fused
+  layer whose parts no one kernel takes keeps each part on its own (`PartsMethod`); every other tensor is
+  dequantized as with `None`. Without the native kernels Q8_0 stays dense on purpose: its per-32 scales fit
+  no torch kernel, and re-rounding it to one scale per row (int8), though it moved SmolLM2's perplexity only
+  from 16.48 to 16.53, flips the first token of its answer to "What is the capital of France?" (a 0.1-logit
+  tie), as does a bfloat16 copy of its Q8_0 embedding/LM head.
 - `"auto"` (the default): `"gguf"` for a GGUF file with tensors of those types, otherwise `None`.
 
 Embeddings stay dense (they are gathered, not multiplied), except a tied one, which reads its rows from
@@ -41,7 +43,7 @@ from chat_core.layers.weight_kernels import native_available
 
 QUANTIZATIONS = ("auto", "none", "int8", "int4", "gguf")
 GGUF_INT4_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # 4-bit groups of 32: exactly what the int4 kernels take
-GGUF_INT8_TYPES = tuple(GGUF_INT8_GROUP_SIZES)  # int8 with a scale per 32 (16) inputs: what the native int8 kernel takes
+GGUF_INT8_TYPES = tuple(GGUF_INT8_GROUP_SIZES)  # int8 groups (with minima): what the native int8 kernel takes
 # Measured on SmolLM2 (benchmarks/bench_quality.py): groups of 64 or 128 cost far more accuracy than 32
 # (perplexity 16.5 -> 24-29) for a few percent of speed.
 DEFAULT_INT4_GROUP_SIZE = 32
