@@ -28,16 +28,16 @@ def llama_cpp_permute(weights: np.ndarray, num_heads: int) -> np.ndarray:
     return weights.reshape(num_heads, 2, weights.shape[0] // num_heads // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
 
 
-def quantize_q4_k(values: np.ndarray) -> np.ndarray:
-    """float32 [rows, cols (a multiple of 256)] as GGUF Q4_K blocks, [rows, cols // 256 * 144] uint8 (the `gguf`
-    package reads this type but cannot write it). Per block of 256: float16 d and dmin, then each group of 32's
-    6-bit scale sc and minimum m packed in 12 bytes as llama.cpp packs them, then the 4-bit values q, so that
-    w = d sc q - dmin m. Plain min/max rounding: a valid file, not llama.cpp's best one."""
+def _k_quant_groups(values: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Q4_K's and Q5_K's common part, for float32 [rows, cols (a multiple of 256)]: per block of 256, float16 d and
+    dmin (4 bytes), each group of 32's 6-bit scale sc and minimum m packed in 12 bytes as llama.cpp packs them;
+    and the values q (0..levels) with w = d sc q - dmin m. Plain min/max rounding: a valid file, not llama.cpp's
+    best one. Returns (the 4 + 12 header bytes [rows, blocks, 16], q [rows, blocks, 8, 32], blocks)."""
     rows, cols = values.shape
     blocks = cols // 256
     x = values.reshape(rows, blocks, 8, 32).astype(np.float32)
     minimum = -np.minimum(x.min(-1), 0)  # [rows, blocks, 8]: w = step q - minimum
-    step = (x.max(-1) + minimum) / 15
+    step = (x.max(-1) + minimum) / levels
     d = (step.max(-1) / 63).astype(np.float16)
     dmin = (minimum.max(-1) / 63).astype(np.float16)
 
@@ -46,22 +46,42 @@ def quantize_q4_k(values: np.ndarray) -> np.ndarray:
         return np.clip(np.rint(np.divide(value, unit, out=np.zeros_like(value), where=unit > 0)), 0, 63).astype(np.uint8)
 
     sc, m = sixbit(step, d), sixbit(minimum, dmin)
-    scale = d.astype(np.float32)[..., None] * sc
-    offset = dmin.astype(np.float32)[..., None] * m
-    shifted, unit = x + offset[..., None], np.broadcast_to(scale[..., None], x.shape)
-    q = np.clip(np.rint(np.divide(shifted, unit, out=np.zeros_like(x), where=unit > 0)), 0, 15).astype(np.uint8)
-    packed_scales = np.concatenate(
+    scale = np.broadcast_to((d.astype(np.float32)[..., None] * sc)[..., None], x.shape)
+    shifted = x + (dmin.astype(np.float32)[..., None] * m)[..., None]
+    q = np.clip(np.rint(np.divide(shifted, scale, out=np.zeros_like(x), where=scale > 0)), 0, levels).astype(np.uint8)
+    header = np.concatenate(
         [
+            np.stack([d, dmin], axis=-1).view(np.uint8).reshape(rows, blocks, 4),
             (sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6),
             (m[..., :4] & 63) | ((m[..., 4:] >> 4) << 6),
             (sc[..., 4:] & 15) | ((m[..., 4:] & 15) << 4),
         ],
         axis=-1,
     )  # fmt: skip
-    nibbles = q.reshape(rows, blocks, 4, 2, 32)  # per 64 values: the first 32 in low nibbles, the next 32 in high
-    packed_values = (nibbles[..., 0, :] | (nibbles[..., 1, :] << 4)).reshape(rows, blocks, 128)
-    halves = np.stack([d, dmin], axis=-1).view(np.uint8).reshape(rows, blocks, 4)
-    return np.concatenate([halves, packed_scales, packed_values], axis=-1).reshape(rows, blocks * 144)
+    return header, q, blocks
+
+
+def _low_nibbles(q: np.ndarray) -> np.ndarray:
+    """Per 64 values of a block, the first 32's low 4 bits in low nibbles and the next 32's in high: 128 bytes."""
+    rows, blocks = q.shape[:2]
+    nibbles = (q & 15).reshape(rows, blocks, 4, 2, 32)
+    return (nibbles[..., 0, :] | (nibbles[..., 1, :] << 4)).reshape(rows, blocks, 128)
+
+
+def quantize_q4_k(values: np.ndarray) -> np.ndarray:
+    """float32 [rows, cols (a multiple of 256)] as GGUF Q4_K blocks, [rows, cols // 256 * 144] uint8 (the `gguf`
+    package reads this type but cannot write it): the header of `_k_quant_groups`, then 4-bit values."""
+    header, q, blocks = _k_quant_groups(values, 15)
+    return np.concatenate([header, _low_nibbles(q)], axis=-1).reshape(len(values), blocks * 144)
+
+
+def quantize_q5_k(values: np.ndarray) -> np.ndarray:
+    """float32 [rows, cols (a multiple of 256)] as GGUF Q5_K blocks, [rows, cols // 256 * 176] uint8: Q4_K's header
+    with 5-bit values, whose fifth bits (group g's value j: bit g of byte j) come in 32 bytes before the 128 of
+    low nibbles."""
+    header, q, blocks = _k_quant_groups(values, 31)
+    high = ((q >> 4) << np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)).sum(axis=2, dtype=np.uint8)  # [rows, blocks, 32]
+    return np.concatenate([header, high, _low_nibbles(q)], axis=-1).reshape(len(values), blocks * 176)
 
 
 def quantize_q6_k(values: np.ndarray) -> np.ndarray:
@@ -84,41 +104,6 @@ def quantize_q6_k(values: np.ndarray) -> np.ndarray:
     high_bytes = (high[..., 0, :] | (high[..., 1, :] << 2) | (high[..., 2, :] << 4) | (high[..., 3, :] << 6)).reshape(rows, blocks, 64)
     parts = [low_bytes, high_bytes, sc.view(np.uint8), d.view(np.uint8).reshape(rows, blocks, 2)]
     return np.concatenate(parts, axis=-1).reshape(rows, blocks * 210)
-
-
-def quantize_q5_k(values: np.ndarray) -> np.ndarray:
-    """float32 [rows, cols (a multiple of 256)] as GGUF Q5_K blocks, [rows, cols // 256 * 176] uint8: Q4_K's layout
-    (float16 d and dmin, 12 bytes of 6-bit scales and minima) with 5-bit values, whose fifth bits (group g's value
-    j: bit g of byte j) come in 32 bytes before the 128 of low nibbles. Plain min/max rounding."""
-    rows, cols = values.shape
-    blocks = cols // 256
-    x = values.reshape(rows, blocks, 8, 32).astype(np.float32)
-    minimum = -np.minimum(x.min(-1), 0)
-    step = (x.max(-1) + minimum) / 31
-    d = (step.max(-1) / 63).astype(np.float16)
-    dmin = (minimum.max(-1) / 63).astype(np.float16)
-
-    def sixbit(value, unit):
-        unit = unit.astype(np.float32)[..., None]
-        return np.clip(np.rint(np.divide(value, unit, out=np.zeros_like(value), where=unit > 0)), 0, 63).astype(np.uint8)
-
-    sc, m = sixbit(step, d), sixbit(minimum, dmin)
-    scale = np.broadcast_to((d.astype(np.float32)[..., None] * sc)[..., None], x.shape)
-    shifted = x + (dmin.astype(np.float32)[..., None] * m)[..., None]
-    q = np.clip(np.rint(np.divide(shifted, scale, out=np.zeros_like(x), where=scale > 0)), 0, 31).astype(np.uint8)
-    packed_scales = np.concatenate(
-        [
-            (sc[..., :4] & 63) | ((sc[..., 4:] >> 4) << 6),
-            (m[..., :4] & 63) | ((m[..., 4:] >> 4) << 6),
-            (sc[..., 4:] & 15) | ((m[..., 4:] & 15) << 4),
-        ],
-        axis=-1,
-    )  # fmt: skip
-    high = ((q >> 4) << np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)).sum(axis=2, dtype=np.uint8)  # [rows, blocks, 32]
-    nibbles = (q & 15).reshape(rows, blocks, 4, 2, 32)
-    packed_values = (nibbles[..., 0, :] | (nibbles[..., 1, :] << 4)).reshape(rows, blocks, 128)
-    halves = np.stack([d, dmin], axis=-1).view(np.uint8).reshape(rows, blocks, 4)
-    return np.concatenate([halves, packed_scales, high, packed_values], axis=-1).reshape(rows, blocks * 176)
 
 
 WRITERS = {"Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k, "Q6_K": quantize_q6_k}  # the types `gguf` cannot write

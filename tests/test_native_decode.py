@@ -91,32 +91,25 @@ def test_bfloat16_models_are_recorded_in_float32_and_land_closer_to_the_float32_
     assert recorded_error < eager_error and recorded_error < 0.05 * scale, (recorded_error, eager_error, scale)
 
 
-@pytest.mark.parametrize("mix", ["Q4_K, Q6_K down and table", "Q4_K_M: Q6_K v in the fused q/k/v", "Q5_K_M"])
-def test_k_quants_decode_through_the_recorded_step_with_the_eager_bits(tmp_path, mix):
-    """GGUF Q4_K layers (int4 groups with float32 scales), Q5_K ones (int8 groups with minima) and Q6_K ones (int8
-    groups of 16), a Q6_K tied embedding, a fused q/k/v of two kinds (each part on its kernel, its columns copied
-    into place): every decode step replayed gives the eager step's logits bit for bit."""
+# GGUF files as llama.cpp's mixes store them (the base type, and the tensors it puts in another): Q4_K layers are
+# int4 groups with float32 scales, Q5_K ones int8 groups with minima, Q6_K ones int8 groups of 16; a fused q/k/v
+# of two kernels multiplies each part on its own and copies its columns into place. Where rows are too short for
+# K-quant blocks (SmolLM2's), llama.cpp's Q4_K_M holds Q5_0 and Q8_0: int8 groups of 32, fused across the two.
+GGUF_MIXES = {
+    "Q4_K, Q6_K down and table": ("Q4_K", {"ffn_down.weight": "Q6_K", "token_embd.weight": "Q6_K"}),
+    "Q4_K_M: Q6_K v in the fused q/k/v": ("Q4_K", {"attn_v.weight": "Q6_K", "ffn_down.weight": "Q6_K"}),
+    "Q5_K_M": ("Q5_K", {"attn_v.weight": "Q6_K", "ffn_down.weight": "Q6_K"}),
+    "Q4_K_M on short rows: Q5_0 and Q8_0": ("Q5_0", {"attn_v.weight": "Q8_0", "ffn_down.weight": "Q8_0", "token_embd.weight": "Q8_0"}),
+}
+
+
+@pytest.mark.parametrize("mix", list(GGUF_MIXES))
+def test_gguf_mixes_decode_through_the_recorded_step_with_the_eager_bits(tmp_path, mix):
+    """Every decode step replayed gives the eager step's logits bit for bit."""
+    base, overrides = GGUF_MIXES[mix]
     model = make_tiny_checkpoint(str(tmp_path / "wide"), "llama_tied", vocab_size=384, hidden_size=256, intermediate_size=512)
-    path = str(tmp_path / "k-quants.gguf")
-    if mix.startswith(("Q4_K_M", "Q5_K_M")):
-        overrides = {"attn_v.weight": "Q6_K", "ffn_down.weight": "Q6_K"}
-    else:
-        overrides = {"ffn_down.weight": "Q6_K", "token_embd.weight": "Q6_K"}
-    write_gguf(path, model, mix[:4], overrides=overrides)
-    expected_tokens, expected_logits, none = run(path, enforce_eager=True)
-    tokens, logits, native = run(path)
-    assert none is None and native is not None and native.steps > 0
-    assert tokens == expected_tokens
-    assert_same_bits(logits, expected_logits)
-
-
-def test_q5_0_and_q8_0_fused_decode_through_the_recorded_step_with_the_eager_bits(tmp_path):
-    """llama.cpp's Q4_K_M where K-quants do not fit (SmolLM2's rows): Q5_0 with Q8_0 v and down projections and
-    table, as int8 groups of 32, q/k/v fused across the two types."""
-    model = make_tiny_checkpoint(str(tmp_path / "model"), "llama_tied", vocab_size=384, hidden_size=128, intermediate_size=256)
-    path = str(tmp_path / "q5_0.gguf")
-    overrides = {"attn_v.weight": "Q8_0", "ffn_down.weight": "Q8_0", "token_embd.weight": "Q8_0"}
-    write_gguf(path, model, "Q5_0", overrides=overrides)
+    path = str(tmp_path / "mix.gguf")
+    write_gguf(path, model, base, overrides=overrides)
     expected_tokens, expected_logits, none = run(path, enforce_eager=True)
     tokens, logits, native = run(path)
     assert none is None and native is not None and native.steps > 0

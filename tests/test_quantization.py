@@ -250,22 +250,27 @@ def test_int4_groups_may_not_straddle_a_tensor_parallel_split():
     assert layer.method.group_size == 32
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K"])
-def test_gguf_q4_tensors_are_repacked_not_requantized(tmp_path, tiny_checkpoints, qtype):
+def stored_down_projection(tmp_path, tiny_checkpoints, qtype: str):
+    """A tiny model's GGUF in `qtype` (rows of 256 inputs for the K-quants' blocks): one layer's down projection as
+    a tensor of the file, and its weights as `gguf` dequantizes them (the reference)."""
     import numpy as np
     from gguf.quants import dequantize
 
     path = str(tmp_path / f"tiny-{qtype}.gguf")
-    if qtype == "Q4_K":  # blocks of 256 inputs
+    if qtype.endswith("_K"):
         model = make_tiny_checkpoint(str(tmp_path / "wide"), "llama_tied", hidden_size=256, intermediate_size=512)
     else:
         model = tiny_checkpoints("llama_tied")[1]
     write_gguf(path, model, qtype)
-    checkpoint = open_checkpoint(path)
-    tensor = dict(checkpoint.tensors())["model.layers.1.mlp.down_proj.weight"]
-    groups = tensor.read_int4_groups(None)
+    tensor = dict(open_checkpoint(path).tensors())["model.layers.1.mlp.down_proj.weight"]
     expected = dequantize(np.ascontiguousarray(tensor._tensor.data), tensor._tensor.tensor_type).reshape(tensor.shape)
-    expected = torch.from_numpy(np.ascontiguousarray(expected))
+    return tensor, torch.from_numpy(np.ascontiguousarray(expected))
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K"])
+def test_gguf_q4_tensors_are_repacked_not_requantized(tmp_path, tiny_checkpoints, qtype):
+    tensor, expected = stored_down_projection(tmp_path, tiny_checkpoints, qtype)
+    groups = tensor.read_int4_groups(None)
     if qtype == "Q4_0":  # w = d (q - 8): the same float operations as gguf's
         assert torch.equal(groups.dequantize(), expected)
     else:  # gguf computes d q + m (Q4_K: d sc q - dmin m), we d (q - 8) + (m + 8 d): equal up to float32 rounding
@@ -287,16 +292,9 @@ def test_gguf_q4_tensors_are_repacked_not_requantized(tmp_path, tiny_checkpoints
     assert tensor.read_int4_groups(1, 16, 32) is None  # not on a group boundary: not readable as groups
 
 
-def test_gguf_q6_k_tensors_are_kept_as_8_bit_groups_of_16_exactly(tmp_path):
-    import numpy as np
-    from gguf.quants import dequantize
-
-    path = str(tmp_path / "tiny-Q6_K.gguf")
-    write_gguf(path, make_tiny_checkpoint(str(tmp_path / "wide"), "llama_tied", hidden_size=256, intermediate_size=512), "Q6_K")
-    tensor = dict(open_checkpoint(path).tensors())["model.layers.1.mlp.down_proj.weight"]
+def test_gguf_q6_k_tensors_are_kept_as_8_bit_groups_of_16_exactly(tmp_path, tiny_checkpoints):
+    tensor, expected = stored_down_projection(tmp_path, tiny_checkpoints, "Q6_K")
     groups = tensor.read_int8_groups(None)
-    expected = dequantize(np.ascontiguousarray(tensor._tensor.data), tensor._tensor.tensor_type).reshape(tensor.shape)
-    expected = torch.from_numpy(np.ascontiguousarray(expected))
     assert groups.group_size == 16 and int(groups.q.min()) >= -32 and int(groups.q.max()) <= 31
     assert torch.equal(groups.dequantize(), expected)  # (d sc) q: gguf's own float operations
     kernel = Int8Kernel(CPU, compute_dtype=torch.float32)
@@ -317,19 +315,8 @@ def test_gguf_q6_k_tensors_are_kept_as_8_bit_groups_of_16_exactly(tmp_path):
 def test_gguf_5_bit_tensors_are_kept_as_8_bit_groups_exactly(tmp_path, tiny_checkpoints, qtype):
     """Q5_0: d (q - 16); Q5_1: d q + m; Q5_K: (d sc) q - (dmin m): int8 groups of 32 (with minima for the last
     two), the same float operations as gguf's, read back from the packed kernel weight bit for bit."""
-    import numpy as np
-    from gguf.quants import dequantize
-
-    path = str(tmp_path / f"tiny-{qtype}.gguf")
-    if qtype == "Q5_K":  # blocks of 256 inputs
-        model = make_tiny_checkpoint(str(tmp_path / "wide"), "llama_tied", hidden_size=256, intermediate_size=512)
-    else:
-        model = tiny_checkpoints("llama_tied")[1]
-    write_gguf(path, model, qtype)
-    tensor = dict(open_checkpoint(path).tensors())["model.layers.1.mlp.down_proj.weight"]
+    tensor, expected = stored_down_projection(tmp_path, tiny_checkpoints, qtype)
     groups = tensor.read_int8_groups(None)
-    expected = dequantize(np.ascontiguousarray(tensor._tensor.data), tensor._tensor.tensor_type).reshape(tensor.shape)
-    expected = torch.from_numpy(np.ascontiguousarray(expected))
     values = (-16, 15) if qtype == "Q5_0" else (0, 31)
     assert groups.group_size == 32 and (groups.low is None) == (qtype == "Q5_0")
     assert values[0] <= int(groups.q.min()) and int(groups.q.max()) <= values[1]
