@@ -292,7 +292,9 @@ class Int4Method(LinearMethod):
 
     def finish(self, layer) -> None:
         parts = _staged_slices(layer, "int4")
-        low = _joined([p.low for p in parts]) if all(p.low is not None for p in parts) else None
+        low = None
+        if any(p.low is not None for p in parts):  # the stored minima where a part has them (GGUF's), else derived
+            low = _joined([p.low if p.low is not None else p.zero - 8 * p.scale for p in parts])
         whole = Int4Groups(
             _joined([p.q for p in parts]), _joined([p.scale for p in parts]), _joined([p.zero for p in parts]), self.group_size, low
         )
