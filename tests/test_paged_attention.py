@@ -62,11 +62,12 @@ def make_case(block_size, num_kv_heads, group, head_dim, lens, seed):
 
 
 def attend(kernel, q, key_cache, value_cache, tables, lens, block_size, window, pad_slot):
+    device = q.device  # the metadata lives where the kernel reads it
     metadata = AttentionMetadata.build(
-        query_start_loc=torch.arange(len(lens) + 1),
-        seq_lens=torch.tensor(lens),
+        query_start_loc=torch.arange(len(lens) + 1, device=device),
+        seq_lens=torch.tensor(lens, device=device),
         block_tables=tables,
-        slot_mapping=torch.zeros(len(lens), dtype=torch.int64),
+        slot_mapping=torch.zeros(len(lens), dtype=torch.int64, device=device),
         block_size=block_size,
         max_query_len=1,
         max_seq_len=max(lens),
