@@ -190,28 +190,22 @@ def unpack_int4_rows(packed: torch.Tensor, row_ids: torch.Tensor, cols: int) -> 
     return torch.where((within >= INT4_BLOCK_ROWS // 2).unsqueeze(1), data >> 4, data & 15)
 
 
-def pack_int8(q: torch.Tensor) -> torch.Tensor:
-    """int8 values q [rows (a multiple of 64), cols] in `chat_int8_matmul`'s layout (64-row blocks, input-major)."""
-    rows, cols = q.shape
-    return q.view(rows // INT8_BLOCK_ROWS, INT8_BLOCK_ROWS, cols).transpose(1, 2).contiguous().view(rows, cols)
+def pack_blocks(weight: torch.Tensor) -> torch.Tensor:
+    """An int8 or bfloat16 weight [rows (a multiple of 64), cols] in the layout `chat_int8_matmul` and
+    `chat_bf16_matmul` share: 64-row blocks, input-major (entry j of input k of block b: row 64 b + j)."""
+    rows, cols = weight.shape
+    return weight.view(rows // INT8_BLOCK_ROWS, INT8_BLOCK_ROWS, cols).transpose(1, 2).contiguous().view(rows, cols)
 
 
-def unpack_int8_rows(packed: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
-    """Rows `row_ids` of a `pack_int8` weight, [len(row_ids), cols] int8."""
+def unpack_block_rows(packed: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
+    """Rows `row_ids` of a `pack_blocks` weight, [len(row_ids), cols], in its element type."""
     cols = packed.shape[1]
     return packed.view(-1, cols, INT8_BLOCK_ROWS)[row_ids // INT8_BLOCK_ROWS, :, row_ids % INT8_BLOCK_ROWS]
 
 
-def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
-    """A bfloat16 weight [rows (a multiple of 64), cols] in `chat_bf16_matmul`'s layout (64-row blocks, input-major)."""
-    rows, cols = weight.shape
-    return weight.view(rows // BF16_BLOCK_ROWS, BF16_BLOCK_ROWS, cols).transpose(1, 2).contiguous().view(rows, cols)
-
-
-def unpack_bf16_rows(packed: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
-    """Rows `row_ids` of a `pack_bf16` weight, [len(row_ids), cols] bfloat16."""
-    cols = packed.shape[1]
-    return packed.view(-1, cols, BF16_BLOCK_ROWS)[row_ids // BF16_BLOCK_ROWS, :, row_ids % BF16_BLOCK_ROWS]
+# One layout, two element types: the names say which kernel a weight is packed for.
+pack_int8 = pack_bf16 = pack_blocks
+unpack_int8_rows = unpack_bf16_rows = unpack_block_rows
 
 
 def _int4(library: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, scale_low: torch.Tensor, group: int) -> torch.Tensor:
