@@ -169,8 +169,10 @@ def checkpoint_path(config: Config, work_dir: str) -> str:
     return random_llama_1b(os.path.join(work_dir, "llama-3.2-1b-random"))
 
 
-def prompt_ids(vocab_size: int) -> list[int]:
-    if vocab_size == LLAMA_32_1B["vocab_size"]:
+def prompt_ids(random_weights: bool) -> list[int]:
+    """The prompt every configuration decodes from. Made once, in the parent process, so no measured
+    process pays for a tokenizer of its own (opening SmolLM2's and building it holds ~28 MiB)."""
+    if random_weights:
         return [(7919 * i) % 120000 + 100 for i in range(PROMPT_TOKENS)]
     from chat_core import open_checkpoint
 
@@ -293,7 +295,7 @@ class LlamaCpp:
             rows = list(range(batch))
 
 
-def measure(config: Config, work_dir: str, passes: int, new_tokens: int, batches: list[int]) -> dict[str, float]:
+def measure(config: Config, work_dir: str, ids: list[int], passes: int, new_tokens: int, batches: list[int]) -> dict[str, float]:
     path = checkpoint_path(config, work_dir)
     cuda = config.options.get("device", "cpu").startswith("cuda")
     if cuda:
@@ -310,7 +312,6 @@ def measure(config: Config, work_dir: str, passes: int, new_tokens: int, batches
     sync()
     load_s = time.perf_counter() - start
     _, load_rss = rss_mib()
-    ids = prompt_ids(runner.vocab_size)
     runner.run(ids, 1, 4)  # warm-up
 
     def timed(batch: int, tokens: int) -> float:
@@ -334,6 +335,7 @@ def measure(config: Config, work_dir: str, passes: int, new_tokens: int, batches
 
 def run_config(config: Config, args: argparse.Namespace) -> dict[str, float] | None:
     cmd = [sys.executable, __file__, "--worker", json.dumps(config.__dict__), "--work-dir", args.work_dir]
+    cmd += ["--prompt-ids", ",".join(map(str, args.prompt_ids))]
     cmd += ["--passes", str(args.passes), "--new-tokens", str(args.new_tokens), "--batches", *map(str, args.batches)]
     env = dict(os.environ) | config.env
     if config.tree:  # another checkout: its own sources first on the path
@@ -359,6 +361,7 @@ def main() -> None:
     parser.add_argument("--compare-tree", help="another checkout of this repository to run as 'baseline'")
     parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "chat-bench"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--prompt-ids", help=argparse.SUPPRESS)
     args = parser.parse_args()
     gpu = args.device == "cuda"
     args.batches = args.batches or ([1, 8, 64, 256] if gpu else [1, 8])
@@ -366,12 +369,14 @@ def main() -> None:
     os.makedirs(args.work_dir, exist_ok=True)
     if args.worker:
         config = Config(**json.loads(args.worker))
-        print(json.dumps(measure(config, args.work_dir, args.passes, args.new_tokens, args.batches)))
+        ids = [int(i) for i in args.prompt_ids.split(",")]
+        print(json.dumps(measure(config, args.work_dir, ids, args.passes, args.new_tokens, args.batches)))
         return
     if gpu and args.random_weights != "llama-3.2-1b":
         parser.error("--device cuda benchmarks the --random-weights llama-3.2-1b checkpoint")
 
     configs = cuda_configs() if gpu else cpu_configs(args.compare_tree)
+    args.prompt_ids = prompt_ids(random_weights=gpu)
     if args.only:
         configs = [c for c in configs if any(word in c.name for word in args.only)]
     per_round: dict[str, list[dict[str, float]]] = {c.name: [] for c in configs}
@@ -401,7 +406,7 @@ def main() -> None:
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
     path = os.path.join(os.path.dirname(__file__), "results", "generate-cuda.json" if gpu else "generate.json")
     with open(path, "w") as f:
-        settings = {k: v for k, v in vars(args).items() if k != "worker"}
+        settings = {k: v for k, v in vars(args).items() if k not in ("worker", "prompt_ids")}
         json.dump({"settings": settings | {"prompt_tokens": PROMPT_TOKENS}, "rows": rows, "ratios": ratios}, f, indent=2)
     print(f"wrote {path}")
 
