@@ -19,7 +19,7 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
         "--quantize",
         default="auto",
         choices=["auto", "none", "int8", "int4", "gguf"],
-        help="weight-only quantization (auto: a GGUF's Q4 tensors stay 4-bit, other checkpoints dense)",
+        help="weight-only quantization (auto: a GGUF's quantized tensors stay as stored, other checkpoints dense)",
     )
     group.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128], help="int4 group size (default 32)")
     group.add_argument("--enforce-eager", action="store_true", help="decode steps op by op: no CUDA graphs, no recorded native CPU step (nor --compile)")
