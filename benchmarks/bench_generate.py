@@ -77,6 +77,7 @@ def cpu_configs(compare_tree: str | None) -> list[Config]:
         Config("chat gguf int4 bf16", "chat", "gguf", {"quantization_compute_dtype": "bfloat16"}),
         Config("chat gguf int4 f32", "chat", "gguf", {"quantization_compute_dtype": "float32"}),
         Config("chat gguf eager", "chat", "gguf", {"enforce_eager": True}),
+        Config("chat gguf bf16 KV", "chat", "gguf", {"kv_cache_dtype": "bfloat16"}),
         Config("chat gguf compiled", "chat", "gguf", {"compile_decode": True}),
         Config("chat gguf batch-inv.", "chat", "gguf", {"batch_invariant": True}),
         Config("chat int8", "chat", "hf", {"quantization": "int8"}),

@@ -88,3 +88,12 @@ def test_prefix_caching_is_on_unless_turned_off():
     for command in ("generate", "chat", "serve"):
         assert engine_kwargs(build_parser().parse_args([command]))["enable_prefix_caching"] is True
         assert engine_kwargs(build_parser().parse_args([command, "--no-prefix-caching"]))["enable_prefix_caching"] is False
+
+
+def test_every_command_takes_a_kv_cache_dtype():
+    from chat_cli.main import build_parser
+    from chat_cli.options import engine_kwargs
+
+    for command in ("generate", "chat", "serve"):
+        assert engine_kwargs(build_parser().parse_args([command]))["kv_cache_dtype"] == "auto"
+        assert engine_kwargs(build_parser().parse_args([command, "--kv-cache-dtype", "bfloat16"]))["kv_cache_dtype"] == "bfloat16"

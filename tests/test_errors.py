@@ -121,6 +121,8 @@ def test_invalid_engine_settings_name_the_field(tiny_checkpoints):
         Engine.from_pretrained(directory, dtype="float8")
     with pytest.raises(ValueError, match="control_plane='rpc'"):
         Engine.from_pretrained(directory, control_plane="rpc")
+    with pytest.raises(ValueError, match="kv_cache_dtype='fp8'.*auto, float32, bfloat16, float16"):
+        Engine.from_pretrained(directory, kv_cache_dtype="fp8")
     with pytest.raises(ValueError, match="max_model_len=100000"):
         Engine.from_pretrained(directory, max_model_len=100000)
 

@@ -36,14 +36,23 @@ def assert_same_bits(logits, expected_logits):
 
 
 @pytest.mark.parametrize(
-    "family, quantization",
-    [("llama3", "int4"), ("qwen2", "int4"), ("llama_tied", "int4"), ("llama3", "int8"), ("llama", "int8")],
+    "family, quantization, kv_cache_dtype",
+    [
+        ("llama3", "int4", "auto"),
+        ("qwen2", "int4", "auto"),
+        ("llama_tied", "int4", "auto"),
+        ("llama3", "int8", "auto"),
+        ("llama", "int8", "auto"),
+        ("llama3", "int4", "bfloat16"),
+        ("qwen2", "int8", "bfloat16"),
+    ],
 )
-def test_recorded_decode_steps_give_the_eager_bits(tiny_checkpoints, family, quantization):
+def test_recorded_decode_steps_give_the_eager_bits(tiny_checkpoints, family, quantization, kv_cache_dtype):
     """Every decode step replayed (batches of 1 to 5, sequences joining and leaving, biases, tied embeddings,
-    int4 and int8) gives the eager step's logits bit for bit."""
+    int4 and int8, a float32 or a bfloat16 KV cache beside float32 activations) gives the eager step's logits
+    bit for bit."""
     directory, _ = tiny_checkpoints(family)
-    options = {"quantization": quantization, "quantization_group_size": 32}
+    options = {"quantization": quantization, "quantization_group_size": 32, "kv_cache_dtype": kv_cache_dtype}
     expected_tokens, expected_logits, none = run(directory, enforce_eager=True, **options)
     assert none is None
     tokens, logits, native = run(directory, **options)

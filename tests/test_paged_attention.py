@@ -143,6 +143,34 @@ def test_triton_decode_matches_the_padded_reference(case):
     check_against_padded("triton", TritonDecodeMetadata, case)
 
 
+CACHE_DTYPES = [
+    ("padded", torch.bfloat16), ("padded", torch.float16),
+    ("blockwise", torch.bfloat16), ("blockwise", torch.float16),
+    ("triton", torch.bfloat16), ("triton", torch.float16),
+    pytest.param("native", torch.bfloat16, marks=needs_native_kernels),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kernel, cache_dtype", CACHE_DTYPES)
+@settings(max_examples=12, deadline=None)
+@given(case=decode_batches())
+def test_decode_kernels_read_a_cache_of_another_dtype_than_their_queries(kernel, cache_dtype, case):
+    """`kv_cache_dtype`: float32 queries against a bfloat16 or float16 cache, widened as read: the padded reference
+    on the widened cache, to float32 rounding, and float32 out."""
+    block_size, num_kv_heads, group, head_dim, lens, window, seed = case
+    q, key_cache, value_cache, tables, pad_slot = make_case(block_size, num_kv_heads, group, head_dim, lens, seed)
+    key_cache, value_cache = key_cache.to(cache_dtype), value_cache.to(cache_dtype)  # unwritten slots stay NaN
+    _, expected = attend("padded", q, key_cache.float(), value_cache.float(), tables, lens, block_size, window, pad_slot)
+    metadata = AttentionMetadata.build(
+        query_start_loc=torch.arange(len(lens) + 1), seq_lens=torch.tensor(lens), block_tables=tables,
+        slot_mapping=torch.zeros(len(lens), dtype=torch.int64), block_size=block_size, max_query_len=1,
+        max_seq_len=max(lens), sliding_window=window, pad_slot=pad_slot, decode_kernel=kernel,
+    )  # fmt: skip
+    out = metadata.attend(q, key_cache, value_cache, head_dim**-0.5)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.view(len(lens), -1), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_batch_buckets():
     assert batch_buckets(1) == [1]
     assert batch_buckets(6) == [1, 2, 4, 6]
@@ -184,6 +212,17 @@ def test_bucketed_decode_gives_the_eager_tokens_and_logits(tiny_checkpoints, fam
     tokens, logits, graphs = run(directory, BucketedRecorder)
     assert graphs is not None and graphs.buckets == [1, 2, 4, 6]
     assert tokens == expected_tokens
+    for seq_id, rows in expected_logits.items():
+        torch.testing.assert_close(torch.stack(logits[seq_id]), torch.stack(rows), atol=1e-4, rtol=0)
+
+
+def test_bucketed_decode_with_a_bfloat16_cache_gives_the_eager_tokens_and_logits(tiny_checkpoints):
+    """The CUDA-graph path's buffers and Triton kernel with `kv_cache_dtype="bfloat16"` beside float32 activations,
+    against eager steps on the same cache dtype."""
+    directory, _ = tiny_checkpoints("llama3")
+    expected_tokens, expected_logits, _ = run(directory, Recorder, kv_cache_dtype="bfloat16", enforce_eager=True)
+    tokens, logits, graphs = run(directory, BucketedRecorder, kv_cache_dtype="bfloat16")
+    assert graphs is not None and tokens == expected_tokens
     for seq_id, rows in expected_logits.items():
         torch.testing.assert_close(torch.stack(logits[seq_id]), torch.stack(rows), atol=1e-4, rtol=0)
 
@@ -281,7 +320,7 @@ def test_compiled_cpu_decode_gives_the_eager_tokens_and_logits(tiny_checkpoints,
         for seq_id, rows in expected_logits.items():
             torch.testing.assert_close(torch.stack(runner.logits[seq_id]), torch.stack(rows), atol=1e-4, rtol=0)
         # Every attention kind a decode step takes ran compiled, and every decode step did (none fell back to eager).
-        assert all(compiled.steps_by_kind[kind] > 0 for _, kind in graphs_needed(torch.float32))
+        assert all(compiled.steps_by_kind[kind] > 0 for _, kind in graphs_needed(torch.float32, torch.float32))
         assert not compiled.failed
         # One at a time: batch 1 replays the batch-1 graph.
         single = engine.generate([{"prompt_token_ids": PROMPTS[0]}], params[1])[0]
@@ -309,7 +348,7 @@ def test_a_second_start_loads_the_compiled_decode_graphs_from_disk(tiny_checkpoi
     tokens, first = start(compile_decode=True)
     assert tokens == expected and first.graphs_loaded == 0 and not first.failed
     saved = sorted(os.listdir(first.artifact_dir))
-    needed = len(graphs_needed(torch.float32))
+    needed = len(graphs_needed(torch.float32, torch.float32))
     assert len(saved) == needed
     tokens, second = start(compile_decode=True)
     assert tokens == expected and second.graphs_loaded == needed and sum(second.steps_by_kind.values()) > 0

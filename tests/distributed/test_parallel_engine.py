@@ -8,6 +8,7 @@ import time
 
 import psutil
 import pytest
+import torch
 from gguf_writer import write_gguf
 from tiny_models import make_tiny_checkpoint
 
@@ -86,6 +87,18 @@ def test_smollm2_tensor_parallel_3_and_pipeline_2_answer_like_one_process(smollm
     for tp, pp in splits:
         with Engine.from_pretrained(smollm2_path, tensor_parallel_size=tp, pipeline_parallel_size=pp, **weights) as engine:
             assert [o.token_ids for o in engine.generate(prompts, params)] == expected
+    assert not left_behind()
+
+
+def test_a_bfloat16_kv_cache_answers_like_one_process(mistral_dir, left_behind):
+    """`kv_cache_dtype="bfloat16"`: each rank caches its heads' keys and values (or its layers') in bfloat16."""
+    options = {"kv_cache_dtype": "bfloat16", "block_size": 4}
+    with Engine.from_pretrained(mistral_dir, **options) as single:
+        expected = single.generate(PROMPTS, PARAMS)
+    for tp, pp in [(2, 1), (1, 2)]:
+        with Engine.from_pretrained(mistral_dir, tensor_parallel_size=tp, pipeline_parallel_size=pp, **options) as engine:
+            assert {c.dtype for c in engine.executor.driver.kv_cache} == {torch.bfloat16}
+            assert_same_generation(engine.generate(PROMPTS, PARAMS), expected)
     assert not left_behind()
 
 

@@ -38,6 +38,12 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--kv-cache-memory", type=float, default=None, metavar="GIB", help="memory for the KV cache on each rank, in GiB (default: 1)"
     )
+    group.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="what the KV cache holds keys and values in (auto: the activations' dtype; bfloat16 halves a float32 model's cache)",
+    )
     group.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks")
     group.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages")
     group.add_argument(
@@ -82,6 +88,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "compile_decode": args.compile,
         "batch_invariant": args.batch_invariant,
         "enable_prefix_caching": args.prefix_caching,
+        "kv_cache_dtype": args.kv_cache_dtype,
     }
     if args.max_model_len is not None:
         kwargs["max_model_len"] = args.max_model_len

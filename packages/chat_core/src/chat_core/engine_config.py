@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from chat_core.checkpoint.checkpoint import Checkpoint
 
 CONTROL_PLANES = ("broadcast", "spmd")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     block_size: int = 16
     kv_cache_memory_gib: float = 1.0  # memory for the KV cache on each rank
+    # What the KV cache holds keys and values in: "auto" is `dtype`; "bfloat16" (or "float16") beside float32
+    # activations halves the cache (twice the tokens in `kv_cache_memory_gib`), keys and values rounded as cached.
+    kv_cache_dtype: str = "auto"
     enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes computed before
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -51,6 +55,8 @@ class EngineConfig:
         if self.dtype != "auto":
             resolve_dtype(self.dtype)
         validate_quantization(self.quantization, self.quantization_group_size)
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"EngineConfig.kv_cache_dtype={self.kv_cache_dtype!r} is invalid: expected one of {', '.join(KV_CACHE_DTYPES)}")
         if self.quantization_compute_dtype not in ("auto", "bfloat16", "float32"):
             raise ValueError(
                 f"EngineConfig.quantization_compute_dtype={self.quantization_compute_dtype!r} is invalid: "
@@ -87,6 +93,10 @@ class EngineConfig:
         quantization = resolve_quantization(self.quantization, checkpoint.tensor_formats(), checkpoint.path)
         dtype = resolve_dtype_name(self.dtype, self.device)
         return dataclasses.replace(self, quantization=quantization, dtype=dtype)
+
+    def resolve_kv_cache_dtype(self) -> torch.dtype:
+        """The KV cache's dtype: `kv_cache_dtype`, or for "auto" that of the activations (`dtype`, resolved)."""
+        return resolve_dtype(self.kv_cache_dtype if self.kv_cache_dtype != "auto" else resolve_dtype_name(self.dtype, self.device))
 
     @property
     def world_size(self) -> int:

@@ -17,7 +17,8 @@ the step and the device:
   padded layout with arithmetic that gives each token the same bits whatever else the step holds.
 - `TritonDecodeMetadata` (decode steps on CUDA, `paged_attention_triton`): a kernel that walks each
   sequence's block table in place; its shapes are fixed per batch size, so CUDA graphs can replay it.
-- `NativeDecodeMetadata` (decode steps on CPU with a float32 cache, where the native kernels are built):
+- `NativeDecodeMetadata` (decode steps on CPU with float32 queries and a float32 or bfloat16 cache, where
+  the native kernels are built):
   one call (`native_ops.decode_attention`) writes the new keys and values and walks each sequence's block
   table in place, with a running softmax: no gather, no padding, no per-layer index tensors.
 
@@ -67,8 +68,9 @@ class AttentionMetadata(ABC):
         """Writes the step's keys and values k, v [tokens, kv_heads, head_dim] to their slots of kv_cache
         [2, num_slots, kv_heads, head_dim], then `attend`s."""
         key_cache, value_cache = kv_cache[0], kv_cache[1]
-        key_cache.index_copy_(0, self.slot_mapping, k)
-        value_cache.index_copy_(0, self.slot_mapping, v)
+        # Rounded to the cache's dtype (`kv_cache_dtype`) as written, to nearest even like the native kernel.
+        key_cache.index_copy_(0, self.slot_mapping, k.to(key_cache.dtype))
+        value_cache.index_copy_(0, self.slot_mapping, v.to(value_cache.dtype))
         return self.attend(q, key_cache, value_cache, scale)
 
     @staticmethod
@@ -86,9 +88,11 @@ class AttentionMetadata(ABC):
         decode_kernel: str | None = None,
         batch_invariant: bool = False,
         cache_dtype: torch.dtype | None = None,
+        query_dtype: torch.dtype = torch.float32,
     ) -> AttentionMetadata:
         """The metadata of one step. A pure decode step (one new token per sequence) uses `decode_kernel`
-        ("native", "blockwise", "triton" or "padded"; None picks by device, the cache's dtype and lengths);
+        ("native", "blockwise", "triton" or "padded"; None picks by device, the cache's and queries' dtypes and
+        lengths);
         anything else the padded reference.
         `batch_invariant`: every step, of any kind, batch-invariant attention.
         `pad_slot`: a cache slot holding finite numbers, read where a padded view needs a key."""
@@ -99,7 +103,7 @@ class AttentionMetadata(ABC):
             )
         num_tokens, batch = slot_mapping.shape[0], seq_lens.shape[0]
         if max_query_len == 1 and num_tokens == batch:
-            kernel = decode_kernel or _default_decode_kernel(seq_lens, max_seq_len, block_size, cache_dtype)
+            kernel = decode_kernel or _default_decode_kernel(seq_lens, max_seq_len, block_size, cache_dtype, query_dtype)
             if kernel == "native":
                 return NativeDecodeMetadata(slot_mapping, seq_lens, block_tables, block_size, sliding_window)
             if kernel == "triton":
@@ -115,15 +119,19 @@ class AttentionMetadata(ABC):
 MAX_PADDED_KEYS_PER_CACHED_KEY = 5 / 3
 
 
-def cpu_decode_kernels(cache_dtype: torch.dtype | None) -> tuple[str, ...]:
-    """The kinds a CPU decode step takes by default with a cache of this dtype."""
-    return ("native",) if cache_dtype == torch.float32 and native_kernels.available() else ("padded", "blockwise")
+def cpu_decode_kernels(cache_dtype: torch.dtype | None, query_dtype: torch.dtype = torch.float32) -> tuple[str, ...]:
+    """The kinds a CPU decode step takes by default with a cache and queries of these dtypes: the native kernel
+    takes float32 queries and a float32 or bfloat16 cache."""
+    native = query_dtype == torch.float32 and cache_dtype in (torch.float32, torch.bfloat16) and native_kernels.available()
+    return ("native",) if native else ("padded", "blockwise")
 
 
-def _default_decode_kernel(seq_lens: torch.Tensor, max_seq_len: int, block_size: int, cache_dtype: torch.dtype | None) -> str:
+def _default_decode_kernel(
+    seq_lens: torch.Tensor, max_seq_len: int, block_size: int, cache_dtype: torch.dtype | None, query_dtype: torch.dtype
+) -> str:
     if seq_lens.device.type == "cuda":
         return "triton" if triton_supports(block_size) else "blockwise"
-    if cpu_decode_kernels(cache_dtype) == ("native",):
+    if cpu_decode_kernels(cache_dtype, query_dtype) == ("native",):
         return "native"
     padded_keys = seq_lens.shape[0] * max_seq_len  # seq_lens is on the host here: no device sync
     return "padded" if padded_keys <= MAX_PADDED_KEYS_PER_CACHED_KEY * int(seq_lens.sum()) else "blockwise"
@@ -207,8 +215,8 @@ class PaddedAttentionMetadata(AttentionMetadata):
             q = q.index_select(0, self.query_index)
         batch, q_len, k_len = self.batch, self.max_query_len, self.max_seq_len
         queries = q.view(batch, q_len, num_heads, head_dim).transpose(1, 2)  # [batch, heads, q_len, dim]
-        keys = key_cache.index_select(0, self.key_slots).view(batch, k_len, num_kv_heads, head_dim)
-        values = value_cache.index_select(0, self.key_slots).view(batch, k_len, num_kv_heads, head_dim)
+        keys = key_cache.index_select(0, self.key_slots).view(batch, k_len, num_kv_heads, head_dim).to(q.dtype)
+        values = value_cache.index_select(0, self.key_slots).view(batch, k_len, num_kv_heads, head_dim).to(q.dtype)
         out = F.scaled_dot_product_attention(
             queries,
             keys.transpose(1, 2),
@@ -382,7 +390,7 @@ class TritonDecodeMetadata(AttentionMetadata):
 
 @dataclass(frozen=True)
 class NativeDecodeMetadata(AttentionMetadata):
-    """One new token per sequence, float32 cache on CPU: the native kernel writes the new keys and values and
+    """One new token per sequence, float32 queries and a float32 or bfloat16 cache on CPU: the native kernel writes the new keys and values and
     reads each sequence's keys through its block table in place (`native_ops.decode_attention`)."""
 
     seq_lens: torch.Tensor  # [batch] int64

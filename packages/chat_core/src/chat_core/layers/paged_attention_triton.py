@@ -64,8 +64,10 @@ def _paged_decode_kernel(
         slots = block * BLOCK_SIZE + offsets
         kv_offsets = slots[:, None] * stride_cache_slot + kv_head * stride_cache_head + dims[None, :]
         kv_mask = visible[:, None] & dim_ok[None, :]
-        k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        # A cache of another dtype than the queries (`kv_cache_dtype`) is converted as read: both products
+        # take operands of one dtype.
+        k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(q.dtype)
+        v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(q.dtype)
 
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(tl.float32) * scale  # [GROUP_PAD, BLOCK_SIZE]
         scores = tl.where(visible[None, :], scores, float("-inf"))

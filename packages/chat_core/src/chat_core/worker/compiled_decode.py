@@ -45,10 +45,10 @@ def default_cache_dir() -> str:
     return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "chat-core", "inductor")
 
 
-def graphs_needed(cache_dtype: torch.dtype) -> list[tuple[int, str]]:
+def graphs_needed(cache_dtype: torch.dtype, query_dtype: torch.dtype) -> list[tuple[int, str]]:
     """The graphs every decode step can need: (the batch size each is compiled at, its attention kind). The
     batch-1 graph serves batch 1 only (the compiler specialises sizes of 1), the batch-2 ones every larger batch."""
-    return [(batch, kind) for kind in cpu_decode_kernels(cache_dtype) for batch in (1, 2) if (batch, kind) != (1, "blockwise")]
+    return [(batch, kind) for kind in cpu_decode_kernels(cache_dtype, query_dtype) for batch in (1, 2) if (batch, kind) != (1, "blockwise")]
 
 
 def _decode(model, input_ids, positions, kv_caches, slot_mapping, kind, tensors):  # type: ignore[no-untyped-def]
@@ -102,7 +102,7 @@ class CompiledDecoder:
             self._give_up(error)
             return 0.0
         compiling = False
-        graphs = graphs_needed(self.runner.dtype)
+        graphs = graphs_needed(self.runner.kv_cache_dtype, self.runner.dtype)
         for batch, kind in graphs:
             input_ids, positions, metadata = self._dummy_step(batch, kind)
             path = os.path.join(self.artifact_dir, f"{key}-b{batch}-{kind}.bin")

@@ -63,6 +63,7 @@ class LlamaModelRunner(ModelRunnerBase[LlamaModelInput]):
         self.model_config = model_config
         self.device = device
         self.dtype = resolve_dtype(engine_config.dtype)
+        self.kv_cache_dtype = engine_config.resolve_kv_cache_dtype()
         # Batch invariance under tensor parallel: the all-reduce must add ranks in an order that is always the same.
         self.tp = RankOrderedSums(tp) if engine_config.batch_invariant and tp.size > 1 else tp
         self.stage = stage
@@ -100,13 +101,13 @@ class LlamaModelRunner(ModelRunnerBase[LlamaModelInput]):
     def kv_cache_bytes_per_block(self) -> int:
         assert self.model is not None, "load_model() first"
         per_layer = 2 * self.block_size * self.model.num_kv_heads_per_rank * self.model_config.head_dim
-        return per_layer * len(self.model.layers) * self.dtype.itemsize
+        return per_layer * len(self.model.layers) * self.kv_cache_dtype.itemsize
 
     def allocate_kv_cache(self, num_blocks: int) -> list[torch.Tensor]:
         assert self.model is not None, "load_model() first"
         self.scratch_block = num_blocks
         shape = (2, (num_blocks + 1) * self.block_size, self.model.num_kv_heads_per_rank, self.model_config.head_dim)
-        caches = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in self.model.layers]
+        caches = [torch.empty(shape, dtype=self.kv_cache_dtype, device=self.device) for _ in self.model.layers]
         for cache in caches:
             # Padded reads land in the scratch block, masked out: it must hold finite numbers (0 x NaN is NaN).
             # The rest stays untouched, so memory is only committed as the cache fills.
@@ -225,7 +226,8 @@ class LlamaModelRunner(ModelRunnerBase[LlamaModelInput]):
             sliding_window=self.model_config.sliding_window,
             pad_slot=self.scratch_block * self.block_size,
             batch_invariant=self.engine_config.batch_invariant,
-            cache_dtype=self.dtype,
+            cache_dtype=self.kv_cache_dtype,
+            query_dtype=self.dtype,
         )
 
     @torch.inference_mode()

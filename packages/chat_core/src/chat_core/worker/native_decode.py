@@ -83,10 +83,14 @@ class Unsupported(Exception):
 class NativeDecoder:
     """The recorded decode step of one model over its KV caches, for up to `max_rows` sequences a step."""
 
-    def __init__(self, model: LlamaForCausalLM, kv_caches: list[torch.Tensor], max_rows: int, block_size: int) -> None:
+    def __init__(self, model: LlamaForCausalLM, kv_caches: list[torch.Tensor], max_rows: int, block_size: int, dtype: torch.dtype) -> None:
         _check_model(model, kv_caches)
+        if dtype not in _DTYPES:
+            raise Unsupported(f"its activations are {dtype}, not float32 or bfloat16")
         self.model = model
-        self.dtype = kv_caches[0].dtype  # the model's activations: what the step takes in and gives back
+        # The model's activations: what the step takes in and gives back (the KV cache may hold another dtype,
+        # `kv_cache_dtype`: a float32 model's step with a bfloat16 cache stays float32 but for the cached keys and values).
+        self.dtype = dtype
         self.max_rows = max_rows
         self.library = native_kernels.library()  # available: `_check_model` asked
         config = model.config
@@ -142,7 +146,7 @@ class NativeDecoder:
     def for_runner(cls, runner: LlamaModelRunner, kv_caches: list[torch.Tensor]) -> NativeDecoder | None:
         """The runner's recorded decode step, or None (with the reason logged) where its model cannot be recorded."""
         try:
-            return cls(runner.model, kv_caches, runner.engine_config.max_num_seqs, runner.block_size)
+            return cls(runner.model, kv_caches, runner.engine_config.max_num_seqs, runner.block_size, runner.dtype)
         except Unsupported as reason:
             logger.info("decode steps run eagerly: %s", reason)
             return None
