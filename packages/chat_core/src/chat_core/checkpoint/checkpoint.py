@@ -111,9 +111,10 @@ class HFDirectoryCheckpoint(Checkpoint):
                 handle = safe_open(file, framework="pt")
             except Exception as exc:
                 raise CheckpointError(f"{file} is not a readable safetensors file: {exc}") from exc
-            with handle:
-                for name in handle.keys():
-                    yield name, SafetensorsTensor(handle, name)
+            with handle:  # names and shapes only: each tensor maps the file when it is read (see SafetensorsTensor)
+                shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+            for name, shape in shapes.items():
+                yield name, SafetensorsTensor(file, name, shape)
 
     def load_tokenizer(self):
         from chat_core.tokenizer import load_tokenizer

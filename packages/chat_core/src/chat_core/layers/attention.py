@@ -390,8 +390,9 @@ class TritonDecodeMetadata(AttentionMetadata):
 
 @dataclass(frozen=True)
 class NativeDecodeMetadata(AttentionMetadata):
-    """One new token per sequence, float32 queries and a float32 or bfloat16 cache on CPU: the native kernel writes the new keys and values and
-    reads each sequence's keys through its block table in place (`native_ops.decode_attention`)."""
+    """One new token per sequence, float32 queries and a float32 or bfloat16 cache on CPU: the native kernel
+    writes the new keys and values and reads each sequence's keys through its block table in place
+    (`native_ops.decode_attention`)."""
 
     seq_lens: torch.Tensor  # [batch] int64
     block_tables: torch.Tensor  # [batch, max blocks] int64
