@@ -263,8 +263,9 @@ def test_triton_decode_on_a_gpu_matches_the_padded_reference(case):
         ("llama3", {"kv_cache_memory_gib": preempting_cache_gib(2), "max_num_batched_tokens": 16}),  # preempts, chunks
         ("llama3", {"quantization": "int4"}),
         ("llama3", {"quantization": "int8"}),
+        ("llama3", {"kv_cache_dtype": "bfloat16"}),
     ],
-    ids=["llama", "mistral", "llama_tied", "qwen2", "llama3-preempted-chunked", "llama3-int4", "llama3-int8"],
+    ids=["llama", "mistral", "llama_tied", "qwen2", "llama3-preempted-chunked", "llama3-int4", "llama3-int8", "llama3-bf16-cache"],
 )
 def test_cuda_graph_decode_gives_the_eager_tokens_and_logits_on_a_gpu(tiny_checkpoints, family, options):
     directory, _ = tiny_checkpoints(family)
