@@ -474,7 +474,7 @@ def test_a_gguf_tensor_leaves_resident_memory_once_loaded(smollm2_path):
 def test_a_safetensors_tensor_leaves_resident_memory_once_dropped(tiny_checkpoints):
     """Quantized as it is read, a Hugging Face checkpoint must not stay resident whole: once a tensor read is
     dropped, none of the file's pages stay in the process (one mapping held through the load kept every page
-    read: a float32 SmolLM2 quantized to int8 peaked at 928 MiB, 576 now). Whole tensors and slices read right."""
+    read: a float32 SmolLM2 quantized to int8 peaked at 928 MiB, 575 without it). Whole tensors and slices read right."""
     directory, _ = tiny_checkpoints("llama")
     path = os.path.join(directory, "model.safetensors")
     expected = {name: tensor.clone() for name, tensor in safetensors.torch.load_file(path).items()}
@@ -490,3 +490,24 @@ def test_a_safetensors_tensor_leaves_resident_memory_once_dropped(tiny_checkpoin
             torch.testing.assert_close(tensor.read(1, 3, 5), expected[name][:, 3:8], rtol=0, atol=0)
             torch.testing.assert_close(tensor.read(0, 2, 4), expected[name][2:6], rtol=0, atol=0)
     assert _resident_bytes_of_mapping(path) == 0
+
+
+def test_a_large_weight_is_quantized_a_slice_of_rows_at_a_time_to_the_same_numbers():
+    """Quantizing rows in slices (float temporaries of a slice, not of a whole LM head) changes no number: the
+    whole-tensor formulas, on a weight whose rows span three slices."""
+    from chat_core.layers.weight_formats import QUANTIZE_ROWS_AT_ONCE
+
+    generator = torch.Generator().manual_seed(3)
+    w = torch.randn(2 * QUANTIZE_ROWS_AT_ONCE + 5, 64, generator=generator) * torch.rand(2 * QUANTIZE_ROWS_AT_ONCE + 5, 1, generator=generator)
+    for round_to in (torch.float32, torch.bfloat16):
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny).to(round_to).float()
+        channels = quantize_int8(w, round_to)
+        assert torch.equal(channels.scale, scale)
+        assert torch.equal(channels.q, torch.round(w / scale.unsqueeze(1)).clamp(-128, 127).to(torch.int8))
+        groups = w.view(w.shape[0], 2, 32)
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+        scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny).to(round_to).float()
+        zero = (low + 8 * scale).to(round_to).float()
+        q = torch.round((groups - zero.unsqueeze(-1)) / scale.unsqueeze(-1) + 8).clamp(0, 15).to(torch.uint8)
+        int4 = quantize_int4(w, 32, round_to)
+        assert torch.equal(int4.scale, scale) and torch.equal(int4.zero, zero) and torch.equal(int4.q, q.view(w.shape))

@@ -103,12 +103,21 @@ class Int4Groups:
         )
 
 
+# Rows quantized at a time: each row's numbers depend on that row alone, so a large weight (a 128k x 2048 LM head
+# is 1 GiB in float32) is quantized a slice at a time, with float temporaries of a slice, not of the whole.
+QUANTIZE_ROWS_AT_ONCE = 2048
+
+
 def quantize_int8(weight: torch.Tensor, round_to: torch.dtype = torch.float32) -> Int8Channels:
     """Symmetric per-row int8: the largest |w| of a row maps to 127."""
-    w = weight.float()
-    scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
-    scale = scale.to(round_to).float()  # quantize against the scale the kernel will use
-    q = torch.round(w / scale.unsqueeze(1)).clamp(-128, 127).to(torch.int8)
+    rows = weight.shape[0]
+    q, scale = torch.empty(weight.shape, dtype=torch.int8, device=weight.device), torch.empty(rows, device=weight.device)
+    for start in range(0, rows, QUANTIZE_ROWS_AT_ONCE):
+        w = weight[start : start + QUANTIZE_ROWS_AT_ONCE].float()
+        part = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+        part = part.to(round_to).float()  # quantize against the scale the kernel will use
+        scale[start : start + len(part)] = part
+        q[start : start + len(part)] = torch.div(w, part.unsqueeze(1)).round_().clamp_(-128, 127)
     return Int8Channels(q, scale)
 
 
@@ -119,10 +128,17 @@ def quantize_int4(weight: torch.Tensor, group_size: int, round_to: torch.dtype =
         raise ValueError(f"int4 group_size={group_size} is not supported; expected one of {INT4_GROUP_SIZES}")
     if cols % group_size:
         raise ValueError(f"int4 group_size={group_size} does not divide the {cols} input features of a weight")
-    groups = weight.float().view(rows, cols // group_size, group_size)
-    low, high = groups.amin(dim=-1), groups.amax(dim=-1)
-    scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny).to(round_to).float()
-    # Round the zero as the kernel will, then fit q to the rounded scale and zero.
-    zero = (low + 8 * scale).to(round_to).float()
-    q = torch.round((groups - zero.unsqueeze(-1)) / scale.unsqueeze(-1) + 8).clamp(0, 15).to(torch.uint8)
-    return Int4Groups(q.view(rows, cols), scale, zero, group_size)
+    device = weight.device
+    q = torch.empty(rows, cols, dtype=torch.uint8, device=device)
+    scale, zero = (torch.empty(rows, cols // group_size, device=device) for _ in range(2))
+    for start in range(0, rows, QUANTIZE_ROWS_AT_ONCE):
+        groups = weight[start : start + QUANTIZE_ROWS_AT_ONCE].float().view(-1, cols // group_size, group_size)
+        end = start + groups.shape[0]
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)
+        part_scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny).to(round_to).float()
+        # Round the zero as the kernel will, then fit q to the rounded scale and zero.
+        part_zero = (low + 8 * part_scale).to(round_to).float()
+        scale[start:end], zero[start:end] = part_scale, part_zero
+        part_q = torch.sub(groups, part_zero.unsqueeze(-1)).div_(part_scale.unsqueeze(-1)).add_(8).round_().clamp_(0, 15)
+        q[start:end] = part_q.view(-1, cols)
+    return Int4Groups(q, scale, zero, group_size)
