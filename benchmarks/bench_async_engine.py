@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import statistics
 import time
 
 import torch
 
 from chat_core import AsyncEngine, Engine, SamplingParams
+from bench_results import results_path, write_results
 
 PROMPT = "Write a short story about a lighthouse keeper."
 DRIVERS = ("engine", "event_loop", "thread")
@@ -65,7 +64,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--quantize", default="auto", help="the weights' format, as chat-cli's --quantize")
-    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "async_engine.json"))
+    parser.add_argument("--output", default=results_path("async_engine.json"))
     args = parser.parse_args()
 
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
@@ -101,11 +100,8 @@ def main() -> None:
     print(f"{'driver':<12} {'decode tok/s':>13} {'vs engine':>10}")
     for row in rows:
         print(f"{row['driver']:<12} {row['decode_tokens_per_s_median']:>13.1f} {row['ratio_to_engine']:>10.2f}")
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as f:
-        summary = {"model": args.model, "weights": weights, "max_tokens": args.max_tokens, "passes": args.passes}
-        json.dump({**summary, "rows": rows}, f, indent=2)
-    print(f"wrote {args.output}")
+    summary = {"model": args.model, "weights": weights, "max_tokens": args.max_tokens, "passes": args.passes}
+    write_results(args.output, {**summary, "rows": rows})
 
 
 if __name__ == "__main__":

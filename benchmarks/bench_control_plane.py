@@ -12,11 +12,10 @@ Prints a table and writes benchmarks/results/control_plane.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import tempfile
 
 import torch
+from bench_results import results_path, write_results
 
 
 def make_model(directory: str) -> None:
@@ -85,11 +84,8 @@ def main() -> None:
     print(f"{'layout':<8}{'plane':<11}" + "".join(f"{c:>28}" for c in columns))
     for row in rows:
         print(f"tp{row['tp']}pp{row['pp']:<4}{row['control_plane']:<11}" + "".join(f"{row[c]:>28.3f}" for c in columns))
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    path = os.path.join(os.path.dirname(__file__), "results", "control_plane.json")
-    with open(path, "w") as f:
-        json.dump({"settings": vars(args), "rows": rows, "note": "counted on rank 0; tensor-parallel all-reduces inside the model are not control-plane traffic and are not counted"}, f, indent=2)
-    print(f"wrote {path}")
+    note = "counted on rank 0; tensor-parallel all-reduces inside the model are not control-plane traffic and are not counted"
+    write_results(results_path("control_plane.json"), {"settings": vars(args), "rows": rows, "note": note})
 
 
 if __name__ == "__main__":

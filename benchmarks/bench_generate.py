@@ -49,6 +49,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from bench_results import results_path, write_results
+
 PROMPT_TOKENS = 32
 PROMPT_TEXT = (
     "The history of the printing press begins in the fifteenth century, when movable type changed how "
@@ -404,12 +406,9 @@ def main() -> None:
         print(f"\ndecode speed relative to {reference['name']}:")
         for name, ratio in ratios.items():
             print(f"  {name:<24}" + "  ".join(f"b{k[7:]} x{v:.2f}" for k, v in ratio.items()))
-    os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
-    path = os.path.join(os.path.dirname(__file__), "results", "generate-cuda.json" if gpu else "generate.json")
-    with open(path, "w") as f:
-        settings = {k: v for k, v in vars(args).items() if k not in ("worker", "prompt_ids")}
-        json.dump({"settings": settings | {"prompt_tokens": PROMPT_TOKENS}, "rows": rows, "ratios": ratios}, f, indent=2)
-    print(f"wrote {path}")
+    settings = {k: v for k, v in vars(args).items() if k not in ("worker", "prompt_ids")}
+    report = {"settings": settings | {"prompt_tokens": PROMPT_TOKENS}, "rows": rows, "ratios": ratios}
+    write_results(results_path("generate-cuda.json" if gpu else "generate.json"), report)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import statistics
 import sys
@@ -27,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_generate import LlamaCpp, llama_cpp_library, smollm2_path  # noqa: E402
+from bench_results import results_path, write_results  # noqa: E402
 
 # llama.cpp's llama_ftype values
 FILE_TYPES = {"Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18, "Q5_0": 8, "Q8_0": 7}
@@ -133,11 +133,7 @@ def main() -> None:
             f"{file_type:<8} {row['tok_s']:>11.1f} {row['llama_cpp_tok_s']:>10.1f} {row['tok_s'] / row['llama_cpp_tok_s']:>6.2f}"
             f" {row['same_as_dequantized']:>11.0%} {row['same_as_llama_cpp']:>12.0%}  {str(row['recorded_step']):<8}  {kernels}"
         )
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "gguf_types.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"settings": vars(args), "rows": rows}, f, indent=2)
-    print(f"wrote {path}")
+    write_results(results_path("gguf_types.json"), {"settings": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -17,12 +17,12 @@ there). Medians over passes; prints a table and writes JSON to benchmarks/result
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
 import sys
 import time
+from bench_results import results_path, write_results
 
 FRESH_PROMPT = (
     "The history of the printing press begins in the fifteenth century, when movable type changed how "
@@ -116,7 +116,7 @@ def main() -> int:
     parser.add_argument("--passes", type=int, default=3)
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--answer-tokens", type=int, default=150)
-    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "multiturn.json"))
+    parser.add_argument("--output", default=results_path("multiturn.json"))
     args = parser.parse_args()
 
     from chat_core import Engine
@@ -207,10 +207,7 @@ def main() -> int:
         "nothing_shared_wall_time_ratio_cached_over_uncached": round(distinct_ratio, 3),
         "nothing_shared_fresh_prompt_ttft_ratio_cached_over_uncached": round(fresh_ratio, 3),
     }
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {args.output}")
+    write_results(args.output, report)
     return 0
 
 

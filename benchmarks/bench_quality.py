@@ -11,11 +11,10 @@ Prints a table and writes JSON to benchmarks/results/quality.json.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 
 import torch
+from bench_results import results_path, write_results
 
 TEXT = (
     "The history of the printing press begins in the fifteenth century, when movable type changed how books were "
@@ -76,11 +75,7 @@ def main() -> None:
     print(f"{'mode':<16}{'perplexity':>12}{'top-1 agree':>13}{'max |dlogit|':>14}")
     for row in rows:
         print(f"{row['mode']:<16}{row['perplexity']:>12.3f}{row['top1_agreement']:>13.3f}{row['max_logit_diff']:>14.3f}")
-    out = os.path.join(os.path.dirname(__file__), "results", "quality.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump({"tokens": len(tokens), "rows": rows}, f, indent=2)
-    print(f"wrote {out}")
+    write_results(results_path("quality.json"), {"tokens": len(tokens), "rows": rows})
 
 
 if __name__ == "__main__":

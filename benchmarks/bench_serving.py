@@ -31,6 +31,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import httpx
+from bench_results import results_path, write_results
 
 TOPICS = ["the ocean", "a lighthouse", "the moon", "a city at night", "an old library", "the desert", "a forest", "a train"]
 
@@ -286,7 +287,7 @@ def main() -> int:
     parser.add_argument("--shared-system-clients", type=int, default=8)
     parser.add_argument("--shared-system-passes", type=int, default=3)
     parser.add_argument("--shared-system-max-tokens", type=int, default=32)
-    parser.add_argument("--output", default=os.path.join(os.path.dirname(__file__), "results", "serving.json"))
+    parser.add_argument("--output", default=results_path("serving.json"))
     args = parser.parse_args()
 
     report: dict = {
@@ -300,10 +301,7 @@ def main() -> int:
         report.update(run_levels(args))
     if "shared-system" in args.cases:
         report["shared_system_prompt"] = run_shared_system_case(args)
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {args.output}")
+    write_results(args.output, report)
     return 0
 
 
