@@ -39,6 +39,7 @@ noisy). Prints a table and writes JSON to benchmarks/results/generate[-cuda].jso
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import resource
@@ -169,7 +170,11 @@ def checkpoint_path(config: Config, work_dir: str) -> str:
         return smollm2_path()
     if config.checkpoint == "hf":
         return hf_copy_of_smollm2(os.path.join(work_dir, "smollm2-hf"))
-    return random_llama_1b(os.path.join(work_dir, "llama-3.2-1b-random"))
+    return random_llama_1b(random_checkpoint_dir(work_dir))
+
+
+def random_checkpoint_dir(work_dir: str) -> str:
+    return os.path.join(work_dir, "llama-3.2-1b-random")
 
 
 def prompt_ids(random_weights: bool) -> list[int]:
@@ -210,16 +215,21 @@ class OurEngine:
 class Transformers:
     def __init__(self, path: str, options: dict) -> None:
         import torch
+        import transformers
         from transformers import AutoModelForCausalLM
 
         self.torch = torch
         self.device = options.get("device", "cpu")
         dtype = getattr(torch, options.get("dtype", "float32"))
+        # `dtype=` from transformers 4.56 (older releases ignore it and load float32); `torch_dtype=` before
+        dtype_option = {"dtype" if _version(transformers.__version__) >= (4, 56) else "torch_dtype": dtype}
         if path.endswith(".gguf"):
             directory, name = os.path.split(path)
-            model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, **dtype_option)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, **dtype_option)
+        if next(model.parameters()).dtype != dtype:
+            raise RuntimeError(f"transformers loaded {next(model.parameters()).dtype}, not the {dtype} asked for")
         self.model = model.to(self.device).eval()
         self.vocab_size = model.config.vocab_size
 
@@ -235,6 +245,10 @@ class Transformers:
                 pad_token_id=0,
             )
         assert out.shape[1] == len(ids) + new_tokens
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".")[:2] if part.isdigit())
 
 
 def llama_cpp_library() -> str | None:
@@ -298,6 +312,11 @@ class LlamaCpp:
             rows = list(range(batch))
 
 
+# Each implementation's modules: imported before its load is timed. (The GGUF configurations imported
+# chat_core already to find the file, the Hugging Face ones did not: their load times held torch's import.)
+IMPORTED_BEFORE_LOADING = {"chat": ["chat_core"], "transformers": ["torch", "transformers"], "llama.cpp": []}
+
+
 def measure(config: Config, work_dir: str, ids: list[int], passes: int, new_tokens: int, batches: list[int]) -> dict[str, float]:
     path = checkpoint_path(config, work_dir)
     cuda = config.options.get("device", "cpu").startswith("cuda")
@@ -310,6 +329,8 @@ def measure(config: Config, work_dir: str, ids: list[int], passes: int, new_toke
         def sync() -> None:
             pass
 
+    for module in IMPORTED_BEFORE_LOADING[config.impl]:  # load_s is the load alone, whatever was imported so far
+        importlib.import_module(module)
     start = time.perf_counter()
     runner = {"chat": OurEngine, "transformers": Transformers, "llama.cpp": LlamaCpp}[config.impl](path, config.options)
     sync()
@@ -333,6 +354,8 @@ def measure(config: Config, work_dir: str, ids: list[int], passes: int, new_toke
         result[f"tok_s_b{batch}"] = batch / step
         result[f"ms_step_b{batch}"] = step * 1000
     result["peak_rss_mib"], result["steady_rss_mib"] = rss_mib()
+    if cuda:  # the GPU's own: weights, KV cache, activations, graphs (torch's allocator)
+        result["gpu_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return result
 
 
@@ -379,14 +402,20 @@ def main() -> None:
         parser.error("--device cuda benchmarks the --random-weights llama-3.2-1b checkpoint")
 
     configs = cuda_configs() if gpu else cpu_configs(args.compare_tree)
+    if gpu:  # made in a process of its own: not in the first measured one's memory figures
+        make = "import sys; sys.path.insert(0, sys.argv[1]); import bench_generate as b; b.random_llama_1b(sys.argv[2])"
+        subprocess.run([sys.executable, "-c", make, os.path.dirname(os.path.abspath(__file__)), random_checkpoint_dir(args.work_dir)], check=True)
     args.prompt_ids = prompt_ids(random_weights=gpu)
     if args.only:
         configs = [c for c in configs if any(word in c.name for word in args.only)]
     per_round: dict[str, list[dict[str, float]]] = {c.name: [] for c in configs}
+    failed: set[str] = set()
     for round_index in range(args.rounds):
         for config in configs if round_index % 2 == 0 else reversed(configs):
             result = run_config(config, args)
-            if result is not None:
+            if result is None:
+                failed.add(config.name)
+            else:
                 per_round[config.name].append(result)
 
     rows = []
@@ -395,6 +424,7 @@ def main() -> None:
         if results:
             rows.append({"name": config.name, **{key: statistics.median(r[key] for r in results) for key in results[0]}})
     columns = ["load_s", "ttft_ms", *[f"tok_s_b{b}" for b in args.batches], *[f"ms_step_b{b}" for b in args.batches], "load_rss_mib", "peak_rss_mib", "steady_rss_mib"]
+    columns += ["gpu_peak_mib"] if gpu else []
     print(f"{'configuration':<24}" + "".join(f"{c:>15}" for c in columns))
     for row in rows:
         print(f"{row['name']:<24}" + "".join(f"{row.get(c, float('nan')):>15.2f}" for c in columns))
@@ -408,7 +438,9 @@ def main() -> None:
             print(f"  {name:<24}" + "  ".join(f"b{k[7:]} x{v:.2f}" for k, v in ratio.items()))
     settings = {k: v for k, v in vars(args).items() if k not in ("worker", "prompt_ids")}
     report = {"settings": settings | {"prompt_tokens": PROMPT_TOKENS}, "rows": rows, "ratios": ratios}
-    write_results(results_path("generate-cuda.json" if gpu else "generate.json"), report)
+    write_results(results_path("generate-cuda.json" if gpu else "generate.json"), report | {"failed": sorted(failed)})
+    if failed:  # a configuration that crashed is a failed benchmark (gpu_check.sh reports it), not a missing row
+        sys.exit(f"failed: {', '.join(sorted(failed))}")
 
 
 if __name__ == "__main__":

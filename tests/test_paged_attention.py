@@ -6,6 +6,7 @@ module is imported): the same kernel code a GPU compiles, checked without one.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 
@@ -300,6 +301,21 @@ def test_device_cuda_without_an_index_and_the_cpu_give_the_same_tokens(tiny_chec
                 assert tokens == expected
             else:
                 assert all(len(t) == 16 for t in tokens)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (an engine on the second one)")
+@pytest.mark.parametrize("eager", [True, False])
+def test_an_engine_on_the_second_gpu_runs_its_steps_from_another_thread(tiny_checkpoints, eager):
+    """`set_device` holds for the thread that loaded the engine only: steps from another thread (an AsyncEngine's
+    loop, a thread pool) must still launch their kernels on the engine's GPU, not on cuda:0."""
+    directory, _ = tiny_checkpoints("llama")
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    with Engine.from_pretrained(directory, device="cuda:1", dtype="float32", enforce_eager=eager) as engine:
+        expected = [o.token_ids for o in engine.generate(prompts, params)]
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            outputs = pool.submit(engine.generate, prompts, params).result()
+    assert [o.token_ids for o in outputs] == expected
 
 
 @pytest.mark.parametrize("family", ["llama3", "qwen2"])

@@ -9,7 +9,9 @@ import torch
 import torch.distributed as dist
 
 from chat_core.checkpoint.checkpoint import Checkpoint
+from chat_core.engine.execute_model_request import ExecuteModelRequest
 from chat_core.engine_config import EngineConfig
+from chat_core.outputs import SamplerOutput
 from chat_core.worker.worker import Worker
 
 from chat_distributed.parallel_state import build_parallel_groups, destroy_distributed, init_distributed
@@ -60,6 +62,10 @@ class DistributedWorker(LocalOrDistributedWorkerBase, Worker):
         self.tp = self.groups.tp
         self.pipeline_rank = self.groups.pp.rank_in_group
         torch.manual_seed(config.seed)
+
+    def execute_model(self, request: ExecuteModelRequest | None = None) -> SamplerOutput | None:
+        with self.device_context():  # rank 0's steps may come from another thread than init_device's
+            return LocalOrDistributedWorkerBase.execute_model(self, request)
 
     def determine_num_available_blocks(self) -> int:
         """The smallest number of blocks any rank can hold: block ids mean the same on every rank."""

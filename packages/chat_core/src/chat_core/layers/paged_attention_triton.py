@@ -103,7 +103,14 @@ def paged_decode_attention(
     group = num_heads // num_kv_heads
     if block_size & (block_size - 1) or block_size < 16:
         raise ValueError(f"the Triton decode kernel needs a power-of-two block_size >= 16; got {block_size}")
-    out = torch.empty_like(q)
+    # The kernel steps through heads and slots by strides but reads each head_dim row as contiguous, and the
+    # value cache by the key cache's strides.
+    if q.stride(2) != 1 or key_cache.stride(2) != 1 or value_cache.stride() != key_cache.stride() or block_tables.stride(1) != 1:
+        raise ValueError(
+            f"the Triton decode kernel needs contiguous head_dim rows, caches of one layout and block table rows; got strides "
+            f"q {q.stride()}, key cache {key_cache.stride()}, value cache {value_cache.stride()}, block tables {block_tables.stride()}"
+        )
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous: the caller views it [batch, heads * head_dim]
     _paged_decode_kernel[(batch, num_kv_heads)](
         q,
         key_cache,

@@ -39,7 +39,7 @@ class InputStaging:
         else:
             device_bytes = host[:size].to(self.device, non_blocking=True)
             self._copied = torch.cuda.Event()
-            self._copied.record()
+            self._copied.record(torch.cuda.current_stream(self.device))  # the copy's stream, on its device
         return {
             name: device_bytes[offset : offset + array.nbytes].view(_TORCH_DTYPES[array.dtype]).view(array.shape)
             for name, array, offset in layout

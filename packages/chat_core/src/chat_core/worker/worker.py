@@ -7,6 +7,7 @@ control plane around them.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
 import sys
@@ -83,7 +84,20 @@ class Worker(WorkerBase):
         per-sequence state (the KV cache is addressed by block tables), so there is nothing to do;
         a subclass that keeps some frees it here for `worker_input.finished_seq_ids`."""
 
+    def device_context(self) -> contextlib.AbstractContextManager[Any]:
+        """This worker's device as the current one, for the calls of a step. `torch.cuda.set_device` in
+        `init_device` holds for the thread that called it only; a step may run on another (an `AsyncEngine`'s
+        loop thread, a caller's thread pool), where the current device is cuda:0: Triton launches its kernels
+        and events record on the current device, whatever device the tensors are on."""
+        if self.device.type == "cuda":
+            return torch.cuda.device(self.device)
+        return contextlib.nullcontext()
+
     def execute_model(self, request: ExecuteModelRequest | None = None) -> SamplerOutput | None:
+        with self.device_context():
+            return self._execute_local_step(request)
+
+    def _execute_local_step(self, request: ExecuteModelRequest | None) -> SamplerOutput | None:
         if request is None:
             return None
         assert self.model_runner is not None, "load_model() first"
