@@ -60,6 +60,20 @@ def test_parallel_generation_equals_one_process(mistral_dir, reference, tp, pp, 
     assert not left_behind(), "shutdown() must leave no process behind"
 
 
+@pytest.mark.parametrize("control_plane", ["broadcast", "spmd"])
+def test_steps_split_for_attention_under_tensor_and_pipeline_parallel(mistral_dir, control_plane, left_behind):
+    """A long prompt prefilled in chunks beside six decodes: steps whose attention splits in parts (decided on
+    the host lengths that travel with the step, or that each rank works out), as in one process."""
+    short = ([5, 17, 33], [3, 4], [7] * 5, [11, 12, 13, 14], [9, 8], [21, 22, 23])
+    prompts = [{"prompt_token_ids": p} for p in (*short, list(range(40, 140)))]
+    options = dict(block_size=4, max_num_batched_tokens=24, enable_prefix_caching=False)
+    with Engine.from_pretrained(mistral_dir, **options) as engine:
+        expected = engine.generate(prompts, PARAMS)
+    with Engine.from_pretrained(mistral_dir, tensor_parallel_size=2, pipeline_parallel_size=2, control_plane=control_plane, **options) as engine:
+        assert_same_generation(engine.generate(prompts, PARAMS), expected)
+    assert not left_behind(), "shutdown() must leave no process behind"
+
+
 def test_uneven_layer_split(mistral_dir, reference):
     with Engine.from_pretrained(mistral_dir, pipeline_parallel_size=2, layers_per_stage=(1, 3), block_size=4) as engine:
         assert_same_generation(engine.generate(PROMPTS, PARAMS), reference[0])

@@ -13,6 +13,9 @@ the step and the device:
   lengths are close (padding would add at most 2/3 to the keys read), the padded view's fused
   attention is faster on CPU (measured: 1.4-1.5x at batch 8 of equal lengths, 0.9x at lengths spread
   from 64 to 512), so a decode step is padded then: its traffic stays within 5/3 of the tokens cached.
+- `SplitAttentionMetadata` (prefill and mixed steps where padding would compute far more scores than needed:
+  a long prompt chunk beside many decodes): the decodes attended by the decode kernel, the prefills padded
+  together or one by one (`attention_groups` decides, on the host).
 - `BatchInvariantAttentionMetadata` (every step, CPU, when the engine's `batch_invariant` is set): the
   padded layout with arithmetic that gives each token the same bits whatever else the step holds.
 - `TritonDecodeMetadata` (decode steps on CUDA, `paged_attention_triton`): a kernel that walks each
@@ -29,7 +32,9 @@ and leaves the gathers, whose shapes change every step, to the eager code above.
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -89,11 +94,14 @@ class AttentionMetadata(ABC):
         batch_invariant: bool = False,
         cache_dtype: torch.dtype | None = None,
         query_dtype: torch.dtype = torch.float32,
+        host_query_lens: Sequence[int] | None = None,
+        host_seq_lens: Sequence[int] | None = None,
     ) -> AttentionMetadata:
         """The metadata of one step. A pure decode step (one new token per sequence) uses `decode_kernel`
         ("native", "blockwise", "triton" or "padded"; None picks by device, the cache's and queries' dtypes and
         lengths);
-        anything else the padded reference.
+        anything else the padded reference, split into parts where padding would waste too much
+        (`attention_groups`; only when the step's lengths are given on the host, `host_query_lens`/`host_seq_lens`).
         `batch_invariant`: every step, of any kind, batch-invariant attention.
         `pad_slot`: a cache slot holding finite numbers, read where a padded view needs a key."""
         if batch_invariant:
@@ -110,9 +118,62 @@ class AttentionMetadata(ABC):
                 return TritonDecodeMetadata(slot_mapping, seq_lens, block_tables, block_size, sliding_window)
             if kernel == "blockwise":
                 return BlockwiseDecodeMetadata.from_tables(slot_mapping, seq_lens, block_tables, block_size, sliding_window)
+        groups = attention_groups(host_query_lens, host_seq_lens) if host_query_lens is not None and host_seq_lens is not None else None
+        if groups is not None:
+            assert host_query_lens is not None and host_seq_lens is not None
+            parts = []
+            token_starts = list(itertools.accumulate(host_query_lens, initial=0))
+            for rows in groups:
+                # Index tensors from host lists: a prefill step may copy a few small arrays (a decode step never splits).
+                row_index = torch.tensor(rows, dtype=torch.int64, device=slot_mapping.device)
+                token_index = torch.cat([torch.arange(token_starts[r], token_starts[r + 1]) for r in rows]).to(slot_mapping.device)
+                query_lens = [host_query_lens[r] for r in rows]
+                part = AttentionMetadata.build(
+                    query_start_loc=torch.tensor(list(itertools.accumulate(query_lens, initial=0)), device=slot_mapping.device),
+                    seq_lens=seq_lens.index_select(0, row_index),
+                    block_tables=block_tables.index_select(0, row_index),
+                    slot_mapping=slot_mapping.index_select(0, token_index),
+                    block_size=block_size,
+                    max_query_len=max(query_lens),
+                    max_seq_len=max(host_seq_lens[r] for r in rows),
+                    sliding_window=sliding_window,
+                    pad_slot=pad_slot,
+                    decode_kernel=decode_kernel,
+                    cache_dtype=cache_dtype,
+                    query_dtype=query_dtype,
+                )
+                parts.append((token_index, part))
+            return SplitAttentionMetadata(slot_mapping, tuple(parts))
         return PaddedAttentionMetadata.from_tables(
             query_start_loc, seq_lens, block_tables, slot_mapping, block_size, max_query_len, max_seq_len, sliding_window, pad_slot
         )
+
+
+# A step with a prefill is one padded call unless padding every sequence to the longest query and the longest
+# history would compute over this many times the scores the step needs.
+MAX_PADDED_SCORES_PER_SCORE = 4
+
+
+def attention_groups(query_lens: Sequence[int], seq_lens: Sequence[int]) -> list[list[int]] | None:
+    """How a step with a prefill splits its sequences (rows) for attention: None to pad them all together
+    (cheap enough: at most `MAX_PADDED_SCORES_PER_SCORE` times the scores needed), else lists of rows, each
+    attended by one call: the decodes (one new token each) together, then the prefills together, or each
+    alone where padding them together is past the limit too.
+
+    Padded, a 2000-token prompt chunk beside 63 decodes of 8000-token histories would compute (and on CUDA's math
+    kernel hold) 64 x 2000 x 8000 scores per head, 60x the 2000 x 8000 + 63 x 8000 it needs."""
+
+    def padding_wastes(rows: list[int]) -> bool:
+        padded = len(rows) * max(query_lens[r] for r in rows) * max(seq_lens[r] for r in rows)
+        return padded > MAX_PADDED_SCORES_PER_SCORE * sum(query_lens[r] * seq_lens[r] for r in rows)
+
+    rows = list(range(len(query_lens)))
+    if not rows or max(query_lens) == 1 or not padding_wastes(rows):
+        return None
+    decodes = [r for r in rows if query_lens[r] == 1]
+    prefills = [r for r in rows if query_lens[r] > 1]
+    groups = [decodes] if decodes else []
+    return groups + ([[r] for r in prefills] if padding_wastes(prefills) else [prefills])
 
 
 # A CPU decode step is padded when the keys it would read padded are at most this many times those cached.
@@ -217,13 +278,20 @@ class PaddedAttentionMetadata(AttentionMetadata):
         queries = q.view(batch, q_len, num_heads, head_dim).transpose(1, 2)  # [batch, heads, q_len, dim]
         keys = key_cache.index_select(0, self.key_slots).view(batch, k_len, num_kv_heads, head_dim).to(q.dtype)
         values = value_cache.index_select(0, self.key_slots).view(batch, k_len, num_kv_heads, head_dim).to(q.dtype)
+        grouped = num_heads != num_kv_heads
+        if grouped and q.is_cuda:
+            # CUDA's fused kernels that take a mask take no grouped heads: with enable_gqa the call would fall to
+            # the math kernel, which holds every score. Keys and values repeated per query head instead.
+            keys = keys.repeat_interleave(num_heads // num_kv_heads, dim=2)
+            values = values.repeat_interleave(num_heads // num_kv_heads, dim=2)
+            grouped = False
         out = F.scaled_dot_product_attention(
             queries,
             keys.transpose(1, 2),
             values.transpose(1, 2),
             attn_mask=self.mask,
             scale=scale,
-            enable_gqa=num_heads != num_kv_heads,
+            enable_gqa=grouped,
         )
         out = out.transpose(1, 2).reshape(-1, num_heads * head_dim)
         return out if self.output_index is None else out.index_select(0, self.output_index)
@@ -363,6 +431,23 @@ class BlockwiseDecodeMetadata(AttentionMetadata):
         out = torch.zeros(batch, num_kv_heads, group, head_dim, device=q.device)
         out.index_add_(0, self.block_seq, torch.matmul(probs, values))
         return (out / denominator.unsqueeze(-1)).reshape(batch, num_heads * head_dim).to(q.dtype)
+
+
+@dataclass(frozen=True)
+class SplitAttentionMetadata(AttentionMetadata):
+    """A step attended in parts (`attention_groups`): each part's tokens (`token_index`, into the step's) by a
+    metadata of its own over its sequences, the outputs put back in token order. Every key and value of the
+    step is written first, so a part reads its sequences' whole histories."""
+
+    parts: tuple[tuple[torch.Tensor, AttentionMetadata], ...]
+
+    kind: ClassVar[str] = "split"
+
+    def attend(self, q, key_cache, value_cache, scale):
+        out = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+        for token_index, part in self.parts:
+            out.index_copy_(0, token_index, part.attend(q.index_select(0, token_index), key_cache, value_cache, scale).to(q.dtype))
+        return out
 
 
 def triton_supports(block_size: int) -> bool:

@@ -41,6 +41,10 @@ class LlamaModelInput(ModelInput):
     logits_indices: torch.Tensor  # [sampled] int64: the token whose logits each sampled sequence needs
     sampled_seq_ids: list[int]
     sampling: SamplingTensors | None = None  # None when no sequence samples this step
+    # Steps with a prefill only: each sequence's new tokens and tokens cached after the step, on the host, from
+    # which attention decides whether to split the step (`attention_groups`) without reading the device.
+    host_query_lens: list[int] | None = None
+    host_seq_lens: list[int] | None = None
 
 
 class LlamaModelRunner(ModelRunnerBase[LlamaModelInput]):
@@ -184,6 +188,8 @@ class LlamaModelRunner(ModelRunnerBase[LlamaModelInput]):
         if sampled:
             arrays.update(SamplingTensors.host_arrays(sampled, self.model_config.vocab_size))
         staged = self.staging.stage(arrays)  # one copy to the device
+        max_query_len = max((seq.num_tokens for seq in scheduled), default=0)
+        prefill = max_query_len > 1
         return LlamaModelInput(
             input_ids=staged["input_ids"],
             positions=staged["positions"],
@@ -191,11 +197,13 @@ class LlamaModelRunner(ModelRunnerBase[LlamaModelInput]):
             query_start_loc=staged["query_start_loc"],
             seq_lens=staged["seq_lens"],
             block_tables=staged["block_tables"],
-            max_query_len=max((seq.num_tokens for seq in scheduled), default=0),
+            max_query_len=max_query_len,
             max_seq_len=max((seq.seq_len for seq in scheduled), default=0),
             logits_indices=staged["logits_indices"],
             sampled_seq_ids=[seq.seq_id for seq in sampled],
             sampling=SamplingTensors.from_staged(staged, sampled) if sampled else None,
+            host_query_lens=[seq.num_tokens for seq in scheduled] if prefill else None,
+            host_seq_lens=[seq.seq_len for seq in scheduled] if prefill else None,
         )
 
     @property
@@ -228,6 +236,8 @@ class LlamaModelRunner(ModelRunnerBase[LlamaModelInput]):
             batch_invariant=self.engine_config.batch_invariant,
             cache_dtype=self.kv_cache_dtype,
             query_dtype=self.dtype,
+            host_query_lens=model_input.host_query_lens,
+            host_seq_lens=model_input.host_seq_lens,
         )
 
     @torch.inference_mode()
