@@ -30,10 +30,10 @@ EOF
 has_cuda=$("$python" -c "import torch; print(int(torch.cuda.is_available()))")
 
 # The CUDA tests: Triton compiled for the GPU (TRITON_INTERPRET=0; the CPU suite runs it interpreted),
-# CUDA graphs against eager decode, device="cuda" without an index. Only the files that hold them: the
+# CUDA graphs against eager decode, device="cuda" without an index, the int8 kernel. Only the files that hold them: the
 # rest of the suite is the CPU's (CI's) and needs packages this machine may lack.
 TRITON_INTERPRET=0 timeout 200 "$python" -m pytest -q -rs -p no:cacheprovider \
-    tests/test_paged_attention.py -k "gpu or cuda" 2>&1 | tee "$out/cuda-tests.log"
+    tests/test_paged_attention.py tests/test_int8_triton.py -k "gpu or cuda" 2>&1 | tee "$out/cuda-tests.log"
 tests_status=${PIPESTATUS[0]}
 
 bench_status=0

@@ -3,8 +3,9 @@
 - int4: our own float32 kernel on CPUs with AVX-512 (`native_kernels`); elsewhere torch's tinygemm-style
   kernels, `_weight_int4pack_mm_for_cpu` on CPU and `_weight_int4pack_mm` on CUDA.
 - int8: with a scale per output row (`Int8Channels`) or per 32 inputs (`Int8Groups`, GGUF's Q8_0): our own
-  float32 kernel on such CPUs; otherwise, per row only, `_weight_int8pack_mm` where the build has it for the
-  device, else the weight converted on the fly (correct everywhere, fast nowhere).
+  float32 kernel on such CPUs; otherwise, per row only, a Triton kernel on CUDA (`int8_matmul_triton`; torch's
+  CUDA `_weight_int8pack_mm` is a thread per output), `_weight_int8pack_mm` on other CPUs where the build has
+  it, else the weight converted on the fly (correct everywhere, fast nowhere).
 
 Each kernel computes in its `compute_dtype`, which also holds its scales. float32 is what the native CPU
 kernels compute in (and faster there than torch's kernels in bfloat16, which is all those are fast in: their
@@ -204,7 +205,11 @@ class Int8Kernel:
         rows = x.reshape(-1, packed.in_features).to(self.compute_dtype)
         if self.native:
             y = native_kernels.int8_matmul(rows, packed.weight, packed.scale, packed.low)[:, : packed.out_features]
-        elif _has_int8pack_mm(self.device.type) and packed.in_features % 16 == 0:
+        elif self.device.type == "cuda" and rows.dtype in (torch.bfloat16, torch.float16):
+            from chat_core.layers.int8_matmul_triton import int8_weight_matmul  # triton: CUDA builds only
+
+            y = int8_weight_matmul(rows, packed.weight, packed.scale)
+        elif self.device.type == "cpu" and _has_int8pack_mm("cpu") and packed.in_features % 16 == 0:
             # (torch 2.13's CPU kernel reads out of bounds with bfloat16 rows of other widths: it crashes)
             y = torch.ops.aten._weight_int8pack_mm(rows, packed.weight, packed.scale)
         else:
