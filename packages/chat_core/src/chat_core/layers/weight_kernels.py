@@ -82,12 +82,12 @@ class Int4Kernel:
         if self.native:
             y = native_kernels.int4_matmul(rows, packed.weight, packed.scales_and_zeros, packed.group_size).to(x.dtype)
             if y.shape[-1] != packed.out_features:
-                y = y[:, : packed.out_features]
+                y = y[:, : packed.out_features].contiguous()  # an all-reduce takes contiguous tensors
             return y.view(*x.shape[:-1], packed.out_features)
         mm = torch.ops.aten._weight_int4pack_mm if self.on_cuda else torch.ops.aten._weight_int4pack_mm_for_cpu
         y = mm(rows, packed.weight, packed.group_size, packed.scales_and_zeros).to(x.dtype)
         if y.shape[-1] != packed.out_features:
-            y = y[:, : packed.out_features]
+            y = y[:, : packed.out_features].contiguous()  # an all-reduce takes contiguous tensors
         return y.view(*x.shape[:-1], packed.out_features)
 
     @property
@@ -204,7 +204,7 @@ class Int8Kernel:
     def matmul(self, x: torch.Tensor, packed: PackedInt8) -> torch.Tensor:
         rows = x.reshape(-1, packed.in_features).to(self.compute_dtype)
         if self.native:
-            y = native_kernels.int8_matmul(rows, packed.weight, packed.scale, packed.low)[:, : packed.out_features]
+            y = native_kernels.int8_matmul(rows, packed.weight, packed.scale, packed.low)[:, : packed.out_features].contiguous()
         elif self.device.type == "cuda" and rows.dtype in (torch.bfloat16, torch.float16):
             from chat_core.layers.int8_matmul_triton import int8_weight_matmul  # triton: CUDA builds only
 
