@@ -97,3 +97,46 @@ def test_every_command_takes_a_kv_cache_dtype():
     for command in ("generate", "chat", "serve"):
         assert engine_kwargs(build_parser().parse_args([command]))["kv_cache_dtype"] == "auto"
         assert engine_kwargs(build_parser().parse_args([command, "--kv-cache-dtype", "bfloat16"]))["kv_cache_dtype"] == "bfloat16"
+
+
+def test_options_that_cannot_work_are_refused_before_the_model_loads(tmp_path):
+    """Sampling values, option pairs and ports: a one-line error and exit status 2, before the (here missing)
+    model is even looked for."""
+    missing = str(tmp_path / "no-such-model")
+    for args, message in [
+        (["generate", "--max-tokens", "0", "hi"], "max_tokens=0"),
+        (["generate", "--top-p", "0", "hi"], "top_p=0"),
+        (["chat", "--temperature", "-1"], "temperature=-1"),
+        (["generate", "--group-size", "64", "hi"], "--group-size 64 is the int4 group size"),
+        (["serve", "--port", "70000"], "70000 is not a port"),
+    ]:
+        result = chat_cli(*args, "--model", missing)
+        assert result.returncode == 2, (args, result.stderr)
+        assert message in result.stderr and missing not in result.stderr and "Traceback" not in result.stderr, (args, result.stderr)
+
+
+def test_a_tensor_parallel_size_the_default_model_cannot_take_is_one_line():
+    result = chat_cli("generate", "--tp", "2", "hi")
+    assert result.returncode == 2
+    assert "use one of 1, 3" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_empty_prompt_is_an_error_and_a_piped_one_loses_its_last_newline(tiny_chat_model):
+    result = chat_cli("generate", "--model", tiny_chat_model, "")
+    assert result.returncode == 2 and "empty" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    args = ("generate", "--model", tiny_chat_model, "--temperature", "0", "--max-tokens", "8")
+    piped = chat_cli(*args, stdin="hello world\n")
+    assert piped.returncode == 0 and piped.stdout == chat_cli(*args, "hello world").stdout
+
+
+def test_chat_drops_its_oldest_exchanges_when_the_conversation_outgrows_the_context(tiny_chat_model):
+    """A context of 64 tokens: by the third turn the conversation no longer fits; the oldest exchange goes (said
+    on stderr) and every turn is answered. A message that does not fit even alone is not sent; the chat goes on."""
+    turns = ["hello there my friend", "what is the capital of the country", "tell me more about it", "x " * 80, "thanks"]
+    result = chat_cli(
+        "chat", "--model", tiny_chat_model, "--max-model-len", "64", "--temperature", "0", "--max-tokens", "12",
+        stdin="\n".join(turns) + "\n",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "oldest exchange was dropped" in result.stderr and "Traceback" not in result.stderr
+    assert "\n[not sent: the prompt has" in result.stdout  # (the tiny model's answers are any bytes, newlines too)

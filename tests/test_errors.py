@@ -8,6 +8,7 @@ import shutil
 import sys
 
 import pytest
+import torch
 
 from chat_core import CheckpointError, Engine, UnsupportedModelError, open_checkpoint
 
@@ -125,6 +126,33 @@ def test_invalid_engine_settings_name_the_field(tiny_checkpoints):
         Engine.from_pretrained(directory, kv_cache_dtype="fp8")
     with pytest.raises(ValueError, match="max_model_len=100000"):
         Engine.from_pretrained(directory, max_model_len=100000)
+
+
+    with pytest.raises(ValueError, match="max_model_len=2.5"):
+        Engine.from_pretrained(directory, max_model_len=2.5)
+    with pytest.raises(ValueError, match="kv_cache_memory_gib=nan"):
+        Engine.from_pretrained(directory, kv_cache_memory_gib=float("nan"))
+
+
+@pytest.mark.parametrize("device", ["CPU", "tpu", "mps", "meta", "cpu:1", "cuda:x"])
+def test_a_device_the_engine_does_not_run_on_is_named(tiny_checkpoints, device):
+    with pytest.raises(ValueError, match=f"EngineConfig.device={device!r}.*expected cpu, cuda or cuda:N"):
+        Engine.from_pretrained(tiny_checkpoints("llama")[0], device=device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error of a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_without_cuda_is_a_clear_error(tiny_checkpoints, device):
+    with pytest.raises(ValueError, match=f"EngineConfig.device={device!r}, but"):
+        Engine.from_pretrained(tiny_checkpoints("llama")[0], device=device)
+
+
+def test_a_tensor_parallel_size_the_model_does_not_split_into_names_those_it_does(smollm2_path):
+    """SmolLM2 (9 heads, 3 kv heads, MLP of 1536): refused before any rank starts, with the sizes that work."""
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 does not split.*9 attention heads.*use one of 1, 3$"):
+        Engine.from_pretrained(smollm2_path, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="pipeline_parallel_size=31 is more than the model's 30 layers"):
+        Engine.from_pretrained(smollm2_path, pipeline_parallel_size=31)
 
 
 def test_parallelism_without_chat_distributed_names_the_package(monkeypatch, tiny_checkpoints):

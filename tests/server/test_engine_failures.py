@@ -17,7 +17,7 @@ import pytest
 from chat_cli.server import ServerSettings, build_app
 from chat_core import Engine
 from chat_core.engine.async_engine import AsyncEngine
-from server_process import serve_in_thread
+from server_process import serve_in_thread, start_server, stop_server
 
 HELLO = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
 
@@ -142,6 +142,28 @@ def test_overload_is_429_with_retry_after(make_server):
         and "the queue is full: 1 waiting request(s)" in error["message"]
     )
     assert chat(server.url).status_code == 200  # once the queue drains, requests are taken again
+
+
+def test_the_queue_counts_requests_not_their_completions(make_server):
+    """Two prompts of n=3 each (6 sequences) on a queue of 2 requests: taken, not 429 (which no retry would change)."""
+    server = make_server(max_waiting_requests=2)
+    body = {"model": "tiny", "prompt": ["hello", "world"], "max_tokens": 2, "n": 3}
+    response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["choices"]) == 6
+
+
+def test_more_prompts_than_the_queue_holds_is_400_naming_the_limit(tiny_chat_model, tmp_path):
+    """`chat-cli serve --max-waiting-requests 2`: a request of 3 prompts could never be queued whole."""
+    server = start_server("--model", tiny_chat_model, "--max-waiting-requests", "2", log_dir=str(tmp_path))
+    try:
+        body = {"model": tiny_chat_model, "prompt": ["a", "b", "c"], "max_tokens": 2}
+        response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+        assert response.status_code == 400, response.text
+        assert "limit of 2 per request" in response.json()["error"]["message"]
+        assert httpx.post(f"{server.url}/v1/completions", json={**body, "prompt": ["a", "b"]}, timeout=60).status_code == 200
+    finally:
+        assert stop_server(server.process) == 0
 
 
 def test_a_stopped_rank_turns_the_server_unhealthy_instead_of_hanging(tiny_chat_model, left_behind):

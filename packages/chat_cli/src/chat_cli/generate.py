@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 
@@ -13,13 +14,20 @@ from chat_cli.options import sampling_params
 
 def run_generate(engine: Engine, args: argparse.Namespace) -> int:
     params = sampling_params(args)
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    # From stdin without the newline that ends its last line (`echo ... |`): the model would read it as text.
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read().rstrip("\n")
     if args.chat_template:
         prompt = engine.chat_prompt([{"role": "user", "content": prompt}])
     start = time.perf_counter()
     first_token_at = None
     num_tokens = 0
-    for delta in engine.stream(prompt, params):
+    deltas = engine.stream(prompt, params)
+    try:
+        first = next(deltas, None)  # the prompt is checked as it is submitted: empty, too long, ...
+    except ValueError as exc:
+        print(f"chat-cli: error: {exc}", file=sys.stderr)
+        return 2
+    for delta in itertools.chain([first] if first is not None else [], deltas):
         if first_token_at is None:
             first_token_at = time.perf_counter()
         num_tokens += len(delta.token_ids)

@@ -8,7 +8,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from chat_cli.options import add_engine_options, add_sampling_options, engine_kwargs
+from chat_cli.options import add_engine_options, add_sampling_options, engine_kwargs, sampling_params
 from chat_cli.version import VersionAction
 
 
@@ -38,11 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:  # what can be checked without the model, before it loads
+        check_options(args)
+    except ValueError as exc:
+        print(f"chat-cli: error: {exc}", file=sys.stderr)
+        return 2
     kwargs = engine_kwargs(args)
     apply_torchrun_world(kwargs)
     if torchrun_rank() > 0:
         # Under torchrun every rank runs this same command; only rank 0 reads input and prints.
-        from chat_core import EngineConfig
+        from chat_core import EngineConfig, open_checkpoint
         from chat_distributed import run_torchrun_worker
 
         if args.command == "serve":
@@ -51,16 +56,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-        run_torchrun_worker(EngineConfig(model=args.model, **kwargs))
+        config = EngineConfig(model=args.model, **kwargs)
+        try:  # rank 0's checks, made here too: a rank that failed them alone would wait for rank 0 until timeout
+            checkpoint = open_checkpoint(config.model)
+            config.resolved_for(checkpoint)
+        except (ValueError, OSError) as exc:
+            print(f"chat-cli: error: {exc}", file=sys.stderr)
+            return 2
+        run_torchrun_worker(config, checkpoint)
         return 0
 
     from chat_core import Engine
+    from chat_distributed import WorkerFailedError
 
     try:
         engine = Engine.from_pretrained(args.model, **kwargs)
     except (ValueError, ImportError, OSError) as exc:
         print(f"chat-cli: error: {exc}", file=sys.stderr)
         return 2
+    except WorkerFailedError as exc:  # a rank failed while starting: its error, without our traceback
+        print(f"chat-cli: error: {exc}", file=sys.stderr)
+        return 1
     with engine:
         if args.command == "generate":
             from chat_cli.generate import run_generate
@@ -73,6 +89,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from chat_cli.chat import run_chat
 
         return run_chat(engine, args)
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """The sampling options of generate and chat, and options that only mean something beside another."""
+    if args.command in ("generate", "chat"):
+        sampling_params(args)
+    if args.group_size is not None and args.quantize != "int4":
+        raise ValueError(f"--group-size {args.group_size} is the int4 group size: it needs --quantize int4 (got --quantize {args.quantize})")
 
 
 def torchrun_rank() -> int:

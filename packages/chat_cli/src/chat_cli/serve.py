@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
-from chat_cli.server.settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_MESSAGES, DEFAULT_MAX_N
+from chat_cli.server.settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_MESSAGES, DEFAULT_MAX_N, DEFAULT_MAX_PROMPTS
 from chat_core import Engine
 
 if TYPE_CHECKING:
@@ -25,12 +25,23 @@ API_KEY_ENV = "CHAT_API_KEY"
 DEFAULT_SHUTDOWN_TIMEOUT_S = 20.0
 
 
+def port_number(text: str) -> int:
+    """--port's type: 0 (a free port) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port: expected 0 (any free one) to 65535")
+    return port
+
+
 def add_serve_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server")
     group.add_argument(
         "--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1; any other warns without an API key)"
     )
-    group.add_argument("--port", type=int, default=8000, help="the port to listen on; 0 picks a free one (default: 8000)")
+    group.add_argument("--port", type=port_number, default=8000, help="the port to listen on; 0 picks a free one (default: 8000)")
     group.add_argument(
         "--api-key",
         default=os.environ.get(API_KEY_ENV),
@@ -91,6 +102,9 @@ def run_serve(engine: Engine, args: argparse.Namespace) -> int:
         max_n=args.max_n,
         max_messages=args.max_messages,
         allowed_origins=args.allowed_origins,
+        # Each prompt of a completions request waits in the queue as a request of its own: one with more prompts
+        # than the queue holds could never be taken (429 however often it is retried), so it is a 400 instead.
+        max_prompts=min(DEFAULT_MAX_PROMPTS, args.max_waiting_requests),
     )
     if settings.api_key is None and not _is_loopback(args.host):
         print(

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from chat_core.config import resolve_dtype
+from chat_core.parallel import check_tensor_parallel_size, split_layers
 from chat_core.quantization import resolve_dtype_name, resolve_quantization, validate_quantization
 
 if TYPE_CHECKING:
@@ -67,12 +68,12 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"EngineConfig.{name}={value!r} is invalid: expected an integer >= 1")
-        if self.max_model_len is not None and self.max_model_len < 1:
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
             raise ValueError(f"EngineConfig.max_model_len={self.max_model_len!r} is invalid: expected an integer >= 1")
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"EngineConfig.enable_prefix_caching={self.enable_prefix_caching!r} is invalid: expected True or False")
-        if self.kv_cache_memory_gib <= 0:
-            raise ValueError(f"EngineConfig.kv_cache_memory_gib={self.kv_cache_memory_gib!r} must be > 0")
+        if not (isinstance(self.kv_cache_memory_gib, (int, float)) and 0 < self.kv_cache_memory_gib < float("inf")):
+            raise ValueError(f"EngineConfig.kv_cache_memory_gib={self.kv_cache_memory_gib!r} is invalid: expected a number > 0")
         if self.batch_invariant and not self.device.startswith("cpu"):
             raise ValueError(f"EngineConfig.batch_invariant=True is implemented on CPU only; device={self.device!r}")
         if self.batch_invariant and self.dtype != "auto" and resolve_dtype(self.dtype) == torch.float16:
@@ -87,9 +88,14 @@ class EngineConfig:
             raise ValueError(
                 f"EngineConfig.control_plane={self.control_plane!r} is invalid: expected one of {', '.join(CONTROL_PLANES)}"
             )
+        check_device(self.device)  # last: what the options ask of the machine, once the options themselves hold
 
     def resolved_for(self, checkpoint: Checkpoint) -> EngineConfig:
-        """This config with `quantization` and `dtype` made concrete for `checkpoint` (idempotent)."""
+        """This config with `quantization` and `dtype` made concrete for `checkpoint` (idempotent), and its parallel
+        sizes checked against the model (before any rank is started: a rank would find out late, alone)."""
+        model = checkpoint.config
+        check_tensor_parallel_size(self.tensor_parallel_size, model.num_heads, model.num_kv_heads, model.intermediate_size)
+        split_layers(model.num_layers, self.pipeline_parallel_size, list(self.layers_per_stage) if self.layers_per_stage else None)
         quantization = resolve_quantization(self.quantization, checkpoint.tensor_formats(), checkpoint.path)
         dtype = resolve_dtype_name(self.dtype, self.device)
         return dataclasses.replace(self, quantization=quantization, dtype=dtype)
@@ -108,3 +114,22 @@ class EngineConfig:
         if self.max_model_len > model_max:
             raise ValueError(f"max_model_len={self.max_model_len} is more than the model's context of {model_max} tokens")
         return self.max_model_len
+
+
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def check_device(device: str) -> None:
+    """`device` names a device this engine runs on and this machine has: "cpu", "cuda" or "cuda:N"."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"EngineConfig.device={device!r} is invalid: expected cpu, cuda or cuda:N") from exc
+    if parsed.type not in DEVICE_TYPES or (parsed.type == "cpu" and parsed.index not in (None, 0)):
+        raise ValueError(f"EngineConfig.device={device!r} is not supported: expected cpu, cuda or cuda:N")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"EngineConfig.device={device!r}, but {build}")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"EngineConfig.device={device!r}, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")

@@ -117,3 +117,19 @@ def split_layers(num_layers: int, num_stages: int, layers_per_stage: list[int] |
         ranges.append((start, start + count))
         start += count
     return ranges
+
+
+def check_tensor_parallel_size(size: int, num_heads: int, num_kv_heads: int, intermediate_size: int) -> None:
+    """Whether a model's attention heads and MLP split evenly over `size` ranks (kv heads split, or are replicated
+    when fewer than the ranks); checked before any rank starts, with the sizes that would work."""
+
+    def fits(ranks: int) -> bool:
+        kv_fit = num_kv_heads % ranks == 0 or ranks % num_kv_heads == 0
+        return num_heads % ranks == 0 and intermediate_size % ranks == 0 and kv_fit
+
+    if size < 1 or not fits(size):
+        sizes = [ranks for ranks in range(1, num_heads + 1) if fits(ranks)]
+        raise ValueError(
+            f"tensor_parallel_size={size} does not split this model evenly ({num_heads} attention heads, {num_kv_heads} "
+            f"key/value heads, MLP of {intermediate_size}): use one of {', '.join(map(str, sizes))}"
+        )

@@ -81,6 +81,7 @@ def serve_rank(
     init_method: str | None,
     on_phase: Callable[[int], None] | None = None,
     on_step: Callable[[], None] | None = None,
+    checkpoint: Checkpoint | None = None,
 ) -> None:
     """The life of a rank other than 0: join, load its weights, allocate its cache, run steps until told to stop.
 
@@ -89,7 +90,7 @@ def serve_rank(
     if rank == 0:
         raise ValueError("rank 0 runs the engine (DistributedExecutor), not the worker loop")
     report = on_phase or (lambda phase: None)
-    worker = DistributedWorker(config, rank=rank, init_method=init_method)
+    worker = DistributedWorker(config, rank=rank, init_method=init_method, checkpoint=checkpoint)
     try:
         report(JOINING)
         worker.init_device()
@@ -104,6 +105,7 @@ def serve_rank(
         destroy_distributed()
 
 
-def run_torchrun_worker(config: EngineConfig) -> None:
-    """What a rank other than 0 runs under torchrun: the same command as rank 0, serving its steps."""
-    serve_rank(config, rank=int(os.environ["RANK"]), init_method="env://")
+def run_torchrun_worker(config: EngineConfig, checkpoint: Checkpoint | None = None) -> None:
+    """What a rank other than 0 runs under torchrun: the same command as rank 0, serving its steps (from
+    `checkpoint` if it was opened already)."""
+    serve_rank(config, rank=int(os.environ["RANK"]), init_method="env://", checkpoint=checkpoint)

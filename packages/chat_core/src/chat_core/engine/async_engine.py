@@ -364,7 +364,9 @@ class AsyncEngine:
                 continue  # its caller stopped waiting before the engine got to it (a client disconnected)
             try:
                 self._check_alive()
-                if len(generator.scheduler.waiting) >= self.max_waiting_requests:
+                # Requests, not sequences: a request with n completions (or a server request with several
+                # prompts, one request each) counts once per request.
+                if len({seq.request_id for seq in generator.scheduler.waiting}) >= self.max_waiting_requests:
                     raise EngineOverloadedError(f"the queue is full: {self.max_waiting_requests} waiting request(s)")
                 generator.add_request(pending.request_id, pending.prompt_token_ids, pending.params, pending.prompt)
             except Exception as exc:
