@@ -44,6 +44,20 @@ def test_greedy_chat_answers_equal_transformers(smollm2_engine, hf_smollm2):
     assert "Paris" in outputs[0].text
 
 
+def test_chat_continues_a_prefilled_answer(smollm2_engine):
+    """`continue_final_message=True`: the model goes on from a started answer (vLLM's and transformers' option); the
+    prompt is the whole conversation's rendering up to the end of the prefill, and `add_generation_prompt=False`
+    renders a conversation without opening a new turn."""
+    engine = smollm2_engine
+    messages = [{"role": "user", "content": QUESTIONS[0]}, {"role": "assistant", "content": "The capital of France is"}]
+    prompt = engine.chat_prompt(messages, add_generation_prompt=False, continue_final_message=True)
+    assert prompt["prompt"].endswith("<|im_start|>assistant\nThe capital of France is")
+    output = engine.chat(messages, SamplingParams(temperature=0, max_tokens=6), add_generation_prompt=False, continue_final_message=True)
+    assert "Paris" in output.text
+    closed = engine.render_chat(messages[:1], add_generation_prompt=False)
+    assert closed.endswith("<|im_end|>\n") and not closed.endswith("assistant\n")
+
+
 def test_decode_logits_equal_transformers(smollm2_engine, hf_smollm2):
     """Every position's logits through our decode path: record them with a custom runner."""
     from chat_core import LlamaModelRunner

@@ -29,6 +29,17 @@ def test_smollm2_template_matches_transformers(smollm2, hf_smollm2, name, add_ge
     assert smollm2.apply_chat_template(messages, add_generation_prompt=add_generation_prompt) == expected
 
 
+@pytest.mark.parametrize("prefill", ["The capital of France is", "Paris, of course. ", "😀 "])
+def test_continuing_the_final_message_matches_transformers(smollm2, hf_smollm2, prefill):
+    """A prefilled answer: the prompt ends right after its content, where the model goes on (the template's
+    end-of-turn dropped), as transformers renders it."""
+    messages = [*CONVERSATIONS["user only"], {"role": "assistant", "content": prefill}]
+    expected = hf_smollm2.apply_chat_template(messages, tokenize=False, add_generation_prompt=False, continue_final_message=True)
+    assert smollm2.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True) == expected
+    with pytest.raises(ValueError, match="add_generation_prompt=False"):
+        smollm2.apply_chat_template(messages, continue_final_message=True)
+
+
 def test_default_system_prompt_only_without_a_system_message(smollm2):
     assert "named SmolLM" in smollm2.apply_chat_template(CONVERSATIONS["user only"])
     assert "named SmolLM" not in smollm2.apply_chat_template(CONVERSATIONS["with system"])

@@ -30,11 +30,22 @@ class SamplerOutput(TensorDictMixin):
 
 @dataclass(frozen=True)
 class Logprob:
-    """A token's log-probability under the model's distribution (before temperature and filtering)."""
+    """A token's log-probability under the model's distribution (before temperature and filtering).
+
+    `token_bytes` are the token's own bytes, which may be part of a UTF-8 character (CJK and emoji are
+    often split across tokens); `token` is those bytes decoded with U+FFFD for any that do not form
+    whole characters, as vLLM and `tokenizers` render a lone token. So the `token`s of a completion
+    need not join into its text, while the `token_bytes` of its shown tokens join into its UTF-8.
+    """
 
     token_id: int
     logprob: float
     token: str = ""
+    token_bytes: bytes = b""
+    # For a generated token (not a top-n alternative): the index in the completion's text of the first
+    # character it contributes to. A token that starts inside a character (its first bytes finish one
+    # begun by earlier tokens) gets that character's index, since no offset falls inside a character.
+    text_offset: int | None = None
 
 
 @dataclass(repr=False)

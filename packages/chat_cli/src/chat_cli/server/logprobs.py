@@ -13,7 +13,10 @@ def _value(logprob: Logprob) -> float:
 
 
 def _top(logprob: Logprob) -> TopLogprob:
-    return TopLogprob(token=logprob.token, logprob=_value(logprob), bytes=list(logprob.token.encode("utf-8")))
+    # The token's own bytes, not its text's: `token` has U+FFFD for part of a character (as vLLM's;
+    # OpenAI is reported to write such bytes escaped, "\xe3\x81"), and `bytes` is what clients join
+    # across tokens to rebuild that character.
+    return TopLogprob(token=logprob.token, logprob=_value(logprob), bytes=list(logprob.token_bytes))
 
 
 def chat_logprobs(chosen: list[Logprob], top: list[list[Logprob]] | None) -> ChatLogprobs:
@@ -25,11 +28,16 @@ def chat_logprobs(chosen: list[Logprob], top: list[list[Logprob]] | None) -> Cha
 
 
 def completion_logprobs(chosen: list[Logprob], top: list[list[Logprob]] | None, text_offset: int) -> CompletionLogprobs:
-    """`text_offset` is where the first token starts in the completion's text."""
+    """Each token's `text_offset` is the one the engine gave it (see `Logprob.text_offset`).
+
+    The engine's offsets follow the text as decoded, where a token holding part of a character
+    adds no character of its own, so summing the lengths of `token`s would drift. `text_offset`
+    (where the first token starts) is used only for tokens without one, made outside the engine.
+    """
     offsets = []
     for logprob in chosen:
-        offsets.append(text_offset)
-        text_offset += len(logprob.token)
+        offsets.append(logprob.text_offset if logprob.text_offset is not None else text_offset)
+        text_offset = offsets[-1] + len(logprob.token)
     return CompletionLogprobs(
         tokens=[t.token for t in chosen],
         token_logprobs=[_value(t) for t in chosen],

@@ -135,9 +135,12 @@ class Engine:
         raise TypeError(f"a prompt must be a string, a list of token ids or a dict; got {type(prompt).__name__}")
 
     def render_chat(self, messages: list[Message], **template_kwargs: Any) -> str:
+        """The conversation as the model's chat template renders it, by default ending with the header of the
+        assistant's turn; `add_generation_prompt=False`, `continue_final_message=True` (the model continues the
+        last message) and template variables as in `Tokenizer.apply_chat_template`."""
         if self.tokenizer is None:
             raise ValueError(f"{self.checkpoint.path} has no tokenizer, so it has no chat template")
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
+        return self.tokenizer.apply_chat_template(messages, **template_kwargs)
 
     def chat_prompt(self, messages: list[Message], **template_kwargs: Any) -> dict[str, Any]:
         """The prompt of a conversation: the chat template rendered and tokenized (it brings its own BOS)."""

@@ -75,17 +75,21 @@ class OutputProcessor:
             seq = state.seq
             seq.output_token_ids.append(token)
             if seq.sampling_params.logprobs is not None and chosen is not None:
-                seq.logprobs.append(Logprob(token, chosen[row], self._piece(token)))
+                # Asked before the token is pushed: where its text will start (see Logprob.text_offset).
+                offset = state.detokenizer.next_offset if state.detokenizer is not None else 0
+                seq.logprobs.append(self._logprob(token, chosen[row], text_offset=offset))
                 if seq.sampling_params.logprobs > 0 and top_ids is not None and top_values is not None:
                     k = seq.sampling_params.logprobs
                     seq.top_logprobs.append(
-                        [Logprob(t, v, self._piece(t)) for t, v in zip(top_ids[row][:k], top_values[row][:k])]
+                        [self._logprob(t, v) for t, v in zip(top_ids[row][:k], top_values[row][:k])]
                     )
             results.append((state, *self._check_stop(state, token)))
         return results
 
-    def _piece(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else ""
+    def _logprob(self, token_id: int, value: float, text_offset: int | None = None) -> Logprob:
+        """`token_id`'s entry, with its own bytes: decoding it alone would turn part of a character into U+FFFD."""
+        raw = self.tokenizer.token_bytes(token_id) if self.tokenizer is not None else b""
+        return Logprob(token_id, value, raw.decode("utf-8", errors="replace"), raw, text_offset)
 
     def _check_stop(self, state: CompletionState, token: int) -> tuple[str | None, str | int | None]:
         seq, params = state.seq, state.seq.sampling_params
@@ -93,21 +97,42 @@ class OutputProcessor:
         is_eos = not params.ignore_eos and token in self.eos_token_ids
         is_stop_token = token in params.stop_token_ids
         if not (is_eos or is_stop_token) and state.detokenizer is not None:
-            new_text = state.detokenizer.push(token)
-            state.text += new_text
-            if params.stop and new_text:
-                found = self._find_stop_string(state, len(new_text), params)
-                if found is not None:
-                    return "stop", found
+            found = self._add_text(state, state.detokenizer.push(token), params)
+            if found is not None:
+                return "stop", found
         if is_eos or is_stop_token:
-            state.visible_len = len(state.text)
-            return "stop", (token if is_stop_token else None)
-        if (params.max_tokens is not None and num_generated >= params.max_tokens) or seq.num_tokens >= self.max_model_len:
-            state.visible_len = len(state.text)
-            return "length", None
-        hold_back = max((len(s) for s in params.stop), default=1) - 1
-        state.visible_len = max(state.visible_len, len(state.text) - hold_back)
-        return None, None
+            reason: tuple[str | None, str | int | None] = ("stop", token if is_stop_token else None)
+        elif (params.max_tokens is not None and num_generated >= params.max_tokens) or seq.num_tokens >= self.max_model_len:
+            reason = ("length", None)
+        else:
+            hold_back = max((len(s) for s in params.stop), default=1) - 1
+            state.visible_len = max(state.visible_len, len(state.text) - hold_back)
+            return None, None
+        return self._finish_text(state, params, reason)
+
+    def _finish_text(
+        self, state: CompletionState, params: SamplingParams, reason: tuple[str | None, str | int | None]
+    ) -> tuple[str | None, str | int | None]:
+        """Add the bytes the detokenizer still holds and show all the text; returns the finish reason.
+
+        Generation can end inside a character (at max_tokens, or a stop token after half of one);
+        the final text is then what decoding all output ids at once gives (as Hugging Face and vLLM
+        return): the unfinished character as U+FFFD, rather than silently dropping the token's bytes.
+        """
+        if state.detokenizer is not None:
+            found = self._add_text(state, state.detokenizer.flush(), params)
+            if found is not None:
+                return "stop", found
+        state.visible_len = len(state.text)
+        return reason
+
+    @staticmethod
+    def _add_text(state: CompletionState, new_text: str, params: SamplingParams) -> str | None:
+        """Append detokenized text; returns the stop string found in it (the text is then cut there), if any."""
+        state.text += new_text
+        if params.stop and new_text:
+            return OutputProcessor._find_stop_string(state, len(new_text), params)
+        return None
 
     @staticmethod
     def _find_stop_string(state: CompletionState, new_chars: int, params: SamplingParams) -> str | None:

@@ -67,6 +67,20 @@ class Tokenizer(ABC):
     def convert_ids_to_tokens(self, token_ids: Sequence[int]) -> list[str]:
         """Each id's vocabulary entry, spelled as the vocabulary spells it (e.g. "Ġthe", "▁the", "<0x0A>")."""
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes `token_id` stands for in a text, whole or part of a UTF-8 character.
+
+        Logprobs report these: decoding a lone token that holds part of a character gives U+FFFD,
+        and clients rebuild the character from the bytes of consecutive tokens. A SentencePiece
+        "▁the" keeps its leading space (decode drops it only at the start of a text); a special
+        token gives its text. b"" for an id outside the vocabulary, which decode drops too (a
+        model's embedding may be padded past the vocabulary, so it can sample such ids).
+
+        This default, for tokenizers that do not know their vocabulary's spelling, is the token decoded alone
+        (exact for whole characters only); the tokenizers here override it.
+        """
+        return self.decode([token_id]).encode("utf-8")
+
     @property
     @abstractmethod
     def all_special_ids(self) -> frozenset[int]:
@@ -85,10 +99,22 @@ class Tokenizer(ABC):
         messages: list[dict[str, Any]],
         *,
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
         **template_kwargs: Any,
     ) -> str:
-        """The prompt text for `messages`, rendered with this model's chat template."""
+        """The prompt text for `messages`, rendered with this model's chat template.
+
+        `add_generation_prompt`: end with the header of an assistant turn (the model answers). `continue_final_message`:
+        end inside the last message instead, right after its content (the model goes on with it: a prefilled
+        answer), as transformers' and vLLM's option of that name does. Other keyword arguments reach the template
+        as variables (a template may read e.g. `tools` or `enable_thinking`)."""
         from chat_core.tokenizer.chat_template import render_chat_template
+
+        if continue_final_message:
+            if add_generation_prompt:
+                raise ValueError("continue_final_message=True ends inside the last message: pass add_generation_prompt=False with it")
+            if not messages or not isinstance(messages[-1].get("content"), str):
+                raise ValueError("continue_final_message=True needs a last message whose content is text")
 
         if self.chat_template is None:
             raise TokenizerError(
@@ -97,13 +123,21 @@ class Tokenizer(ABC):
             )
         template_kwargs.setdefault("bos_token", self.bos_token or "")
         template_kwargs.setdefault("eos_token", self.eos_token or "")
-        return render_chat_template(
+        text = render_chat_template(
             self.chat_template,
             messages,
             add_generation_prompt=add_generation_prompt,
             template_source=self.chat_template_source,
             **template_kwargs,
         )
+        if continue_final_message:  # cut after the last message's content (templates may strip it: try that too)
+            final = messages[-1]["content"]
+            for content in (final, final.strip()):
+                end = text.rfind(content) if content else -1
+                if end >= 0:
+                    return text[: end + len(content)]
+            raise ValueError(f"continue_final_message=True: the template did not render the last message's content {final!r}")
+        return text
 
 
 def dedupe_ids(*groups: int | Sequence[int] | None) -> tuple[int, ...]:

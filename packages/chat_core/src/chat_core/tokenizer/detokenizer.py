@@ -35,18 +35,33 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0  # where the decoded window starts
         self._read_offset = len(self._ids)  # ids before this have had their text emitted
         self._text = ""
+        self._held_chars = 0  # whole characters held back in front of an unfinished one
 
     @property
     def text(self) -> str:
         """Everything emitted so far."""
         return self._text
 
+    @property
+    def next_offset(self) -> int:
+        """Where the text of the next pushed id starts in the final text (OpenAI's `text_offset`).
+
+        That is after the emitted text and the whole characters held back with an unfinished one.
+        An id whose first bytes finish that character gets the character's own index: no offset
+        falls inside a character. (Held-back U+FFFDs are taken as the unfinished character's,
+        so a stray invalid byte just before one may count one character short.)
+        """
+        return len(self._text) + self._held_chars
+
     def push(self, token_id: int) -> str:
         """Adds one generated id; returns the text it finished (often "", e.g. mid-character)."""
         self._ids.append(token_id)
         prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         new_text = self._decode(self._ids[self._prefix_offset :])
-        if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT):
+        if len(new_text) <= len(prefix_text):
+            return ""
+        if new_text.endswith(_REPLACEMENT):
+            self._held_chars = len(new_text[len(prefix_text) :].rstrip(_REPLACEMENT))
             return ""
         return self._emit(new_text[len(prefix_text) :])
 
@@ -60,6 +75,7 @@ class IncrementalDetokenizer:
         # The window moves up to the ids just emitted; older ids are no longer needed.
         del self._ids[: self._read_offset]
         self._prefix_offset, self._read_offset = 0, len(self._ids)
+        self._held_chars = 0
         self._text += delta
         return delta
 

@@ -21,6 +21,7 @@ from tokenizers.models import BPE
 from chat_core.tokenizer.base import TokenizerError, TokenizerSettings
 from chat_core.tokenizer.hf_tokenizer import HFTokenizer
 from chat_core.tokenizer.sentencepiece_tokenizer import join_pieces
+from chat_core.tokenizer.token_bytes import byte_alphabet, piece_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +172,14 @@ class SentencePieceVocabTokenizer(HFTokenizer):
                 pieces.append(piece)
         return join_pieces(pieces, strip_dummy_prefix=self._strip_dummy_prefix)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        # The token types say which pieces are bytes; a normal piece spelled "<0x41>" is text.
+        byte = self._byte_values.get(token_id)
+        if byte is not None:
+            return bytes([byte])
+        piece = self.backend.id_to_token(token_id) if 0 <= token_id < self.vocab_size else None
+        return piece_bytes(piece) if piece is not None else b""
+
 
 def _byte_values(tokens: list[str], types: list[int]) -> dict[int, int]:
     values = {}
@@ -320,12 +329,3 @@ def _required(metadata: Mapping[str, Any], key: str) -> Any:
     if key not in metadata:
         raise TokenizerError(f"{SOURCE} has no {key!r}; a GGUF file needs it to build a tokenizer")
     return metadata[key]
-
-
-def byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte -> character map: printable bytes stand for themselves, the rest for chr(256 + n)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    alphabet = {b: chr(b) for b in printable}
-    extra = (b for b in range(256) if b not in alphabet)
-    alphabet.update((b, chr(256 + n)) for n, b in enumerate(extra))
-    return alphabet

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import tokenizers
 
 from chat_core.tokenizer.base import Tokenizer, TokenizerError, TokenizerSettings, dedupe_ids
+from chat_core.tokenizer.token_bytes import decoded_token_bytes, decoder_steps
 
 
 class HFTokenizer(Tokenizer):
@@ -54,6 +55,9 @@ class HFTokenizer(Tokenizer):
         marked_special = {i for i, added in backend.get_added_tokens_decoder().items() if added.special}
         named = (self.bos_token_id, self.eos_token_id, unk_token_id, pad_token_id)
         self._special_ids = frozenset(marked_special | {i for i in named if i is not None})
+        # How the decoder spells bytes (byte-level alphabet, "<0x..>" pieces), read once; bytes cached per id.
+        self._decoder_steps = decoder_steps(backend.decoder)
+        self._bytes_by_id: dict[int, bytes] = {}
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], settings: TokenizerSettings) -> HFTokenizer:
@@ -92,6 +96,14 @@ class HFTokenizer(Tokenizer):
                 )
             tokens.append(token)
         return tokens
+
+    def token_bytes(self, token_id: int) -> bytes:
+        cached = self._bytes_by_id.get(token_id)
+        if cached is None:
+            token = self._backend.id_to_token(token_id) if 0 <= token_id < self.vocab_size else None
+            cached = b"" if token is None else decoded_token_bytes(token, self._decoder_steps)
+            self._bytes_by_id[token_id] = cached
+        return cached
 
     def _resolve(self, token_id: int | None, token: str | None, field: str) -> tuple[int | None, str | None]:
         """(id, text) of a special token given by either; the text must be in the vocabulary."""

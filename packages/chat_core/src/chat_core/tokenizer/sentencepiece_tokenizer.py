@@ -10,6 +10,7 @@ from typing import Any
 import sentencepiece
 
 from chat_core.tokenizer.base import Tokenizer, TokenizerError, TokenizerSettings, dedupe_ids
+from chat_core.tokenizer.token_bytes import piece_bytes
 
 _SPACE = "\u2581"  # SentencePiece's visible space, "▁"
 _ESCAPED_BYTE_TO_REPLACEMENT = dict.fromkeys(range(0xDC80, 0xDD00), 0xFFFD)  # surrogateescape's range
@@ -59,6 +60,7 @@ class SentencePieceTokenizer(Tokenizer):
         self._special_pattern = re.compile("|".join(map(re.escape, texts))) if texts else None
         # Decoding drops the space SentencePiece itself put before the text, if this model adds one.
         self._strips_dummy_prefix = sp.encode("a", out_type=str)[0].startswith(_SPACE)
+        self._bytes_by_id: dict[int, bytes] = {}
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str], settings: TokenizerSettings) -> SentencePieceTokenizer:
@@ -105,6 +107,19 @@ class SentencePieceTokenizer(Tokenizer):
             else:
                 pieces.append(sp.id_to_piece(token_id))
         return join_pieces(pieces, strip_dummy_prefix=self._strips_dummy_prefix)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        cached = self._bytes_by_id.get(token_id)
+        if cached is None:
+            cached = self._piece_bytes(token_id) if 0 <= token_id < self.vocab_size else b""
+            self._bytes_by_id[token_id] = cached
+        return cached
+
+    def _piece_bytes(self, token_id: int) -> bytes:
+        piece = self._processor.id_to_piece(token_id)
+        if self._processor.is_byte(token_id):
+            return bytes([int(piece[3:5], 16)])  # pieces "<0x00>".."<0xFF>"
+        return piece_bytes(piece)
 
     def convert_ids_to_tokens(self, token_ids: Sequence[int]) -> list[str]:
         for token_id in token_ids:
