@@ -91,7 +91,8 @@ COMPLETION_CASES = [
     ({"prompt": []}, "prompt", ("a list of token ids", "[]")),
     ({"prompt": ["a", 1]}, "prompt", ("a list of strings", "['a', 1]")),
     ({"prompt": "hi", "logprobs": 21}, "logprobs", ("less than or equal to 20",)),
-    ({"prompt": [1, 2, 10**9]}, None, ("1000000000", "outside the vocabulary")),
+    ({"prompt": [1, 2, 10**9]}, "prompt", ("1000000000", "outside the vocabulary")),
+    ({"prompt": "hi", "seed": 2**64}, "seed", ("seed=18446744073709551616",)),
 ]
 
 

@@ -10,15 +10,11 @@ from __future__ import annotations
 import time
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
 from chat_core.sampling_params import MAX_LOGPROBS
 
 FinishReason = Literal["stop", "length", "abort"]
-
-
-def _omit_none(value: Any) -> bool:
-    return value is None
 
 
 class RequestModel(BaseModel):
@@ -183,6 +179,18 @@ class CompletionRequest(SamplingRequest):
 class ResponseModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    # Fields left out of the JSON when they are None, as OpenAI leaves them out (a stream chunk has no "usage", a
+    # delta names only what it carries). A serializer rather than `Field(exclude_if=...)`: that needs pydantic 2.12.
+    OMITTED_WHEN_NONE: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        for name in self.OMITTED_WHEN_NONE:
+            if isinstance(data, dict) and name in data and data[name] is None:
+                del data[name]
+        return data
+
 
 class ModelCard(ResponseModel):
     id: str
@@ -255,8 +263,10 @@ class ChatCompletionResponse(ResponseModel):
 
 
 class DeltaMessage(ResponseModel):
-    role: Literal["assistant"] | None = Field(None, exclude_if=_omit_none)
-    content: str | None = Field(None, exclude_if=_omit_none)
+    OMITTED_WHEN_NONE = ("role", "content")
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
 
 
 class ChatChunkChoice(ResponseModel):
@@ -271,8 +281,10 @@ class ChatCompletionChunk(ResponseModel):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
+    OMITTED_WHEN_NONE = ("usage",)
+
     choices: list[ChatChunkChoice]
-    usage: Usage | None = Field(None, exclude_if=_omit_none)
+    usage: Usage | None = None
 
 
 class CompletionLogprobs(ResponseModel):
@@ -294,8 +306,10 @@ class CompletionResponse(ResponseModel):
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
+    OMITTED_WHEN_NONE = ("usage",)  # in stream chunks, as OpenAI does
+
     choices: list[CompletionChoice]
-    usage: Usage | None = Field(None, exclude_if=_omit_none)  # omitted in stream chunks, as OpenAI does
+    usage: Usage | None = None
 
 
 class ErrorBody(ResponseModel):

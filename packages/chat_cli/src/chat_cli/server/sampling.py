@@ -6,6 +6,7 @@ The limits a server adds on top of the engine's own checks live here: the served
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from chat_cli.server.errors import APIError, bad_request
@@ -68,6 +69,9 @@ def completion_prompts(engine: Engine, request: CompletionRequest, settings: Ser
             text, token_ids = engine.encode_prompt(prompt)
         except (ValueError, TypeError) as exc:  # e.g. text for a model without a tokenizer
             raise bad_request(str(exc), param="prompt") from exc
+        vocab_size = engine.model_config.vocab_size
+        if outside := [t for t in token_ids if not 0 <= t < vocab_size]:
+            raise bad_request(f"prompt token ids {outside[:5]} are outside the vocabulary [0, {vocab_size})", param="prompt")
         prompts.append({"prompt": text, "prompt_token_ids": token_ids})
     return prompts
 
@@ -123,5 +127,6 @@ def sampling_params(
             logprobs=logprobs,
             **{name: value for name, value in chosen.items() if value is not None},  # None: the engine's default
         )
-    except ValueError as exc:
-        raise bad_request(str(exc)) from exc
+    except ValueError as exc:  # "SamplingParams.<field>=... is invalid": the request's field of that name
+        named = re.match(r"SamplingParams\.(\w+)=", str(exc))
+        raise bad_request(str(exc), param=named.group(1) if named else None) from exc
