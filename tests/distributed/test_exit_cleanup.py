@@ -17,8 +17,8 @@ import os, signal
 from chat_core import Engine, SamplingParams
 from chat_distributed import WorkerFailedError
 
-def start(tp):
-    return Engine.from_pretrained({model!r}, tensor_parallel_size=tp, block_size=4, distributed_timeout_s=3)
+def start(tp, **options):
+    return Engine.from_pretrained({model!r}, tensor_parallel_size=tp, block_size=4, distributed_timeout_s=3, **options)
 
 def fail_mid_stream(engine, sig):
     stream = engine.stream({{"prompt_token_ids": [5, 17, 33]}}, SamplingParams(temperature=0, max_tokens=500, ignore_eos=True))
@@ -30,8 +30,8 @@ def fail_mid_stream(engine, sig):
     except WorkerFailedError as error:
         print("failed:", error, flush=True)
 
-try:
-    start(3)  # 8 heads over 3 ranks: every rank fails while building its model
+try:  # int4 groups of 32 across an MLP of 160 over 2 ranks: every rank fails while building its model
+    start(2, quantization="int4", quantization_group_size=32)
 except Exception as error:
     print("failed start:", error, flush=True)
 engine = start(2)
@@ -46,11 +46,11 @@ def test_leaving_after_every_failure_path_leaves_nothing_behind(tmp_path, tiny_c
     (tmp_path / "failures.py").write_text(FAILURES.format(model=tiny_checkpoints("mistral")[0]))
     result = run_python(["failures.py"], tmp_path)
     printed = result.stdout.splitlines()
-    assert printed[0].startswith("failed start:") and "divisible" in printed[0], result.stdout
+    assert printed[0].startswith("failed start:") and "cut groups in two" in printed[0], result.stdout
     assert "rank 1" in printed[1] and "SIGKILL" in printed[1], result.stdout
     assert "rank 1" in printed[2] and "no sign of life" in printed[2], result.stdout
     # The failed start's ranks print why they failed; that is their traceback, not a warning.
-    result.stderr = "\n".join(line for line in result.stderr.splitlines() if "divisible" not in line)
+    result.stderr = "\n".join(line for line in result.stderr.splitlines() if "cut groups in two" not in line)
     assert_clean_exit(result, tmp_path)
 
 
