@@ -4,7 +4,6 @@ the text of a generation that ends inside a character, from the tokenizers up to
 from __future__ import annotations
 
 import os
-import random
 import shutil
 
 import pytest
@@ -64,31 +63,6 @@ def test_byte_level_bytes_join_to_the_text(smollm2_tokenizer, text):
     # Special-token text becomes the special token; SmolLM2 lacks a few bytes (0xF1...), which encode drops.
     assume("<|" not in text and smollm2_tokenizer.decode(ids) == text)
     assert b"".join(smollm2_tokenizer.token_bytes(i) for i in ids) == text.encode()
-
-
-@pytest.fixture(scope="module")
-def spm_model_path(tmp_path_factory) -> str:
-    """A tiny SentencePiece BPE model with byte fallback, as Llama 2's: CJK and emoji become "<0x..>" pieces."""
-    import sentencepiece
-
-    rng = random.Random(0)
-    words = "the quick brown fox hello world token model café naïve 東京 日本 привет".split()
-    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(2000)]
-    prefix = str(tmp_path_factory.mktemp("spm") / "tokenizer")
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_prefix=prefix,
-        model_type="bpe",
-        vocab_size=400,
-        byte_fallback=True,
-        character_coverage=1.0,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=True,
-        minloglevel=2,
-        num_threads=1,
-    )
-    return prefix + ".model"
 
 
 @pytest.fixture(scope="module")
